@@ -1,0 +1,43 @@
+# `make demo` and `make test` set everything up themselves on a fresh Debian machine, and a second run
+# reinstalls nothing: the venv is rebuilt only when pyproject.toml or this Makefile changes.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# FFCV 1.0.2 compiles its C part against these at install time.
+APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEMO := build/demo
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@dpkg -s $(APT_PACKAGES) >/dev/null 2>&1 || { \
+	  echo "installing $(APT_PACKAGES)"; \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES) >/dev/null; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# torch 2.14.1 with torchvision 0.29.1: timm cannot import beside the CPU-only torch 2.13.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dali,ffcv,dev]'
+	@touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+# The main job end to end on generated data: sample tree (with quirky and broken files), conversion to
+# both formats, and a full re-read of the output against its manifest.
+demo: setup
+	@test -d $(DEMO)/sample || $(PY) tools/make_sample_imagenet.py $(DEMO)/sample --quirks
+	$(PY) tools/convert_imagenet.py $(DEMO)/sample $(DEMO)/converted
+	$(PY) tools/verify_dataset.py $(DEMO)/converted
+	@echo "demo output: $(DEMO)/converted (manifest.json, rejected.jsonl, ffcv/, dali/)"
+
+bench: setup
+	$(PY) -m benchmarks.convert
+
+clean:
+	rm -rf build .pytest_cache

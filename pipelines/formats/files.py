@@ -1,0 +1,72 @@
+"""Crash-safe file writing: every output is written under a temporary name, synced, then renamed.
+
+A reader (or a resumed run) therefore sees either the previous state or the complete new file, never a
+half-written one, even after `kill -9` or a power cut.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+TMP_SUFFIX = ".tmp"
+
+
+def tmp_path(path: Path) -> Path:
+    return path.with_name(path.name + TMP_SUFFIX)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename durable: the new directory entry is only on disk once the directory is synced."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def commit(tmp: Path, final: Path) -> None:
+    """Rename a finished, synced temporary file to its final name."""
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+@contextmanager
+def atomic_open(path: Path) -> Iterator[BinaryIO]:
+    """Open `path.tmp` for writing; on success sync it and rename it to `path`, on error remove it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tmp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    commit(tmp, path)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def remove_tmp_files(directory: Path) -> int:
+    """Discard the partial outputs a killed run left behind; returns how many were removed."""
+    if not directory.exists():
+        return 0
+    stale = [p for p in directory.rglob("*" + TMP_SUFFIX) if p.is_file()]
+    for p in stale:
+        p.unlink()
+    return len(stale)

@@ -1,0 +1,108 @@
+"""Turning one input file into the RGB JPEG that both output formats store.
+
+Rules (the README repeats them):
+- A file is readable only if it decodes completely: a truncated JPEG is rejected even when its bytes could be
+  stored unchanged.
+- An RGB JPEG with no EXIF rotation and within `max_resolution` is stored byte for byte: no generation loss.
+- Everything else (CMYK, grayscale, palette, alpha, 16-bit, PNG or other content under a .JPEG name, EXIF
+  rotation, larger than the cap) is decoded once and re-encoded as a baseline 4:2:0 RGB JPEG at
+  `jpeg_quality`. Baseline, because the GPU's hardware JPEG decoder (used by DALI) handles only baseline.
+- EXIF orientation is applied to the pixels and the tag is dropped. Decoders disagree about the tag (PIL and
+  FFCV's libjpeg-turbo ignore it, DALI's decoders apply it), so baking it in gives every format the same image.
+- Colour conversion follows PIL's `convert("RGB")`, as torchvision's ImageFolder loader does: alpha is
+  discarded; CMYK uses PIL's (Adobe-aware) conversion; 16-bit values are scaled to 8 bits, not clipped.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+EXIF_ORIENTATION = 0x0112
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+class BadImage(Exception):
+    """The file cannot become a sample; str(e) is the reason listed in rejected.jsonl."""
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    jpeg: bytes
+    width: int
+    height: int
+    copied: bool  # True: the source bytes, unchanged
+    why_reencoded: str = ""
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    if im.mode == "RGB":
+        return im
+    if im.mode in SIXTEEN_BIT_MODES:
+        # PIL's convert() clips 16-bit values at 255, which turns most of a 16-bit image white.
+        wide = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8))
+    elif im.mode == "F":
+        im = Image.fromarray(np.clip(np.round(np.asarray(im)), 0, 255).astype(np.uint8))
+    return im.convert("RGB")
+
+
+def _scaled_size(width: int, height: int, cap: int) -> tuple[int, int]:
+    scale = cap / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _open(data: bytes) -> Image.Image:
+    """Parse the header only (cheap); pixels are decoded by _decode_completely."""
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    try:
+        return Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise BadImage("not an image: no decoder recognises its content") from None
+    except Exception as e:
+        raise BadImage(f"unreadable image header: {e}") from None
+
+
+def _decode_completely(im: Image.Image, draft_to: tuple[int, int] | None) -> None:
+    if draft_to is not None and im.format == "JPEG":
+        # DCT-domain downscaling (1/2, 1/4, 1/8) while decoding: a 4000-px photo decodes several times
+        # faster, and libjpeg still reads every scan, so truncation is still detected.
+        im.draft("RGB", draft_to)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im.load()
+    except Exception as e:  # truncated data, corrupt entropy stream, decompression bomb, ...
+        raise BadImage(f"does not decode completely: {e}") from None
+
+
+def prepare_image(data: bytes, max_resolution: int, jpeg_quality: int) -> PreparedImage:
+    im = _open(data)
+    too_big = bool(max_resolution) and max(im.size) > max_resolution
+    _decode_completely(im, _scaled_size(*im.size, max_resolution) if too_big else None)
+    orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+
+    reasons = []
+    if im.format != "JPEG":
+        reasons.append(f"{im.format or 'unknown'} content")
+    if im.mode != "RGB":
+        reasons.append(f"mode {im.mode}")
+    if orientation != 1:
+        reasons.append(f"EXIF orientation {orientation}")
+    if too_big:
+        reasons.append(f"longer side over {max_resolution} px")
+    if not reasons:
+        return PreparedImage(data, im.width, im.height, copied=True)
+
+    if orientation != 1:
+        im = ImageOps.exif_transpose(im)
+    im = _to_rgb(im)
+    if too_big:
+        im = im.resize(_scaled_size(*im.size, max_resolution), Image.Resampling.LANCZOS)
+    out = io.BytesIO()
+    im.save(out, "JPEG", quality=jpeg_quality, subsampling=2, progressive=False, optimize=False)
+    return PreparedImage(out.getvalue(), im.width, im.height, copied=False, why_reencoded=", ".join(reasons))

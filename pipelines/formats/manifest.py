@@ -1,0 +1,35 @@
+"""OUT/manifest.json: what a converted dataset holds. It is written last; loaders trust nothing without it."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .layout import FORMAT_VERSION, MANIFEST
+
+
+class DatasetError(Exception):
+    """A converted dataset is missing, incomplete or damaged; the message names the file and the fix."""
+
+
+RESUME = "re-run tools/convert_imagenet.py with the same arguments: it resumes"
+RECONVERT = "convert again (tools/convert_imagenet.py SRC OUT --overwrite), then run tools/verify_dataset.py OUT"
+
+
+def load_manifest(out: Path) -> dict:
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        hint = " (an unfinished conversion is there)" if (Path(out) / ".work").exists() else ""
+        raise DatasetError(f"{path}: missing, so {out} is not a finished conversion{hint}; {RESUME}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DatasetError(f"{path}: unreadable ({e}); {RECONVERT}") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DatasetError(f"{path}: format version {version}, this code reads {FORMAT_VERSION}; "
+                           "convert again with this version of tools/convert_imagenet.py")
+    return manifest
+
+
+def dumps(manifest: dict) -> bytes:
+    return (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode()
