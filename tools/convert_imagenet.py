@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     settings = ConvertSettings(
         formats=tuple(f.strip() for f in args.formats.split(",") if f.strip()),
         max_resolution=args.max_resolution, jpeg_quality=args.jpeg_quality,

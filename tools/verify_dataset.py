@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path, help="the converter's output directory")
     p.add_argument("--decode", action="store_true", help="also decode every stored image fully (slower)")
     args = p.parse_args(argv)
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     try:
         with console.status("verifying") as status:
             problems = verify(args.out, decode=args.decode, tick=lambda what: status.update(f"verifying {what}"))

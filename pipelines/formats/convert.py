@@ -200,7 +200,7 @@ def _load_record(ctx: Context, split: str, k: int) -> dict | None:
 
 def _write_shard(ctx: Context, split: str, k: int, chunk: list[PlannedSample], results: Iterator, task) -> dict:
     directory = _shard_dir(ctx, split)
-    writer = None
+    writer = ShardWriter(directory / shard_name(k), directory / index_name(k))
     rejected, labels, copied = [], Counter(), 0
     for sample in chunk:
         result = next(results)
@@ -209,13 +209,14 @@ def _write_shard(ctx: Context, split: str, k: int, chunk: list[PlannedSample], r
             if ctx.strict:
                 raise ConvertError(f"--strict: {sample.ref}: {result}")
         else:
-            writer = writer or ShardWriter(directory / shard_name(k), directory / index_name(k))
             writer.add(sample_key(sample.index), sample.label, result[0])
             labels[sample.label] += 1
             copied += result[1]
         ctx.progress.advance(task)
     record = {"shard": k, "samples": 0, "tar": None, "index": None, "tar_bytes": 0, "index_bytes": 0}
-    if writer:  # a shard whose inputs were all rejected is not written: DALI rejects empty indexes
+    if not labels:  # a shard whose inputs were all rejected is not written: DALI rejects empty indexes
+        writer.abort()
+    else:
         info = writer.commit()
         record.update(samples=info.samples, tar=shard_name(k), index=index_name(k), tar_bytes=info.tar_bytes,
                       tar_sha256=info.tar_sha256, index_bytes=info.index_bytes, index_sha256=info.index_sha256)

@@ -1,0 +1,233 @@
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+
+from conftest import ROOT, quiet
+from pipelines.formats.convert import ConvertError, ConvertSettings, convert
+from pipelines.formats.verify import verify
+
+CONVERT = [sys.executable, str(ROOT / "tools/convert_imagenet.py")]
+VERIFY = [sys.executable, str(ROOT / "tools/verify_dataset.py")]
+
+
+def shard_samples(out, split):
+    """[(key, label, jpeg bytes)] of a split's shards, in order, read with Python's tarfile."""
+    import tarfile
+    samples = []
+    for tar in sorted((out / "dali" / split).glob("*.tar")):
+        with tarfile.open(tar) as archive:
+            members = {m.name: archive.extractfile(m).read() for m in archive if m.isfile()}
+        for name in sorted(members):
+            key, ext = name.split(".", 1)
+            if ext == "jpg":
+                samples.append((key, int(members[f"{key}.cls"]), members[name]))
+    return samples
+
+
+def test_every_input_is_converted_or_listed(converted, quirky_tree):
+    out, manifest = converted
+    root, _, expected = quirky_tree
+    inputs = [p for p in root.rglob("*") if p.is_file()]
+    samples = sum(s["samples"] for s in manifest["splits"].values())
+    assert samples + len(manifest["rejected"]) == len(inputs)
+    rejected = {r["path"]: r["reason"] for r in manifest["rejected"]}
+    assert set(rejected) == {rel for rel, outcome in expected.items() if outcome == "rejected"}
+    assert [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()] == manifest["rejected"]
+    assert "not inside a class directory" in rejected["train/stray_file.JPEG"]
+    assert any("empty file" in r for r in rejected.values()) and any("not an image" in r for r in rejected.values())
+
+
+def test_quirky_files_are_stored_as_rgb_jpeg(converted, quirky_tree):
+    out, _ = converted
+    root, _, expected = quirky_tree
+    stored = {hashlib.sha1(jpeg).hexdigest() for split in ("train", "holdout") for _, _, jpeg in shard_samples(out, split)}
+    for rel, outcome in expected.items():
+        if outcome == "copied":
+            assert hashlib.sha1((root / rel).read_bytes()).hexdigest() in stored, rel
+        if outcome == "reencoded":
+            assert hashlib.sha1((root / rel).read_bytes()).hexdigest() not in stored, rel
+    assert converted[1]["splits"]["train"]["reencoded"] + converted[1]["splits"]["holdout"]["reencoded"] >= 7
+
+
+def test_labels_follow_the_sorted_wnids(converted, quirky_tree):
+    """Images stored byte for byte are found by their bytes: each carries the rank of its class's wnid."""
+    out, manifest = converted
+    root, wnids, _ = quirky_tree
+    assert [c["wnid"] for c in manifest["classes"]] == sorted(wnids)
+    source_label = {hashlib.sha1(p.read_bytes()).hexdigest(): sorted(wnids).index(p.parent.name)
+                    for p in root.rglob("*.JPEG") if p.parent.name in wnids}
+    checked = 0
+    for split in ("train", "holdout", "val"):
+        for key, label, jpeg in shard_samples(out, split):
+            digest = hashlib.sha1(jpeg).hexdigest()
+            if digest in source_label:
+                assert source_label[digest] == label
+                checked += 1
+    assert checked > 150
+
+
+def test_splits_are_disjoint_and_stratified(converted):
+    out, manifest = converted
+    train = {hashlib.sha1(j).hexdigest() for _, _, j in shard_samples(out, "train")}
+    holdout = {hashlib.sha1(j).hexdigest() for _, _, j in shard_samples(out, "holdout")}
+    assert not train & holdout
+    # 30 generated images per class (+ the quirky ones in classes 0 and 1): round(10 %) held out of each
+    assert manifest["splits"]["holdout"]["per_class"] == [4, 4, 3, 3, 3, 3]
+    assert Counter(label for _, label, _ in shard_samples(out, "holdout")) == dict(enumerate([4, 4, 3, 3, 3, 3]))
+
+
+def test_shards_are_sharded_and_keys_ordered(converted):
+    out, manifest = converted
+    shards = manifest["splits"]["train"]["dali"]["shards"]
+    assert len(shards) == 5  # 190 planned inputs in shards of 40
+    keys = [key for key, _, _ in shard_samples(out, "train")]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+
+
+def test_verify_passes_on_a_fresh_output(converted):
+    assert verify(converted[0], decode=True) == []
+
+
+def test_index_files_match_dalis_own_tool(converted, tmp_path):
+    out, manifest = converted
+    wds2idx = shutil.which("wds2idx", path=str(ROOT / ".venv/bin")) or shutil.which("wds2idx")
+    if wds2idx is None:
+        pytest.skip("DALI's wds2idx tool is not installed")
+    for tar, index in manifest["splits"]["train"]["dali"]["shards"]:
+        subprocess.run([wds2idx, str(out / "dali/train" / tar), str(tmp_path / index)], check=True,
+                       capture_output=True)
+        assert (tmp_path / index).read_bytes() == (out / "dali/train" / index).read_bytes()
+
+
+def test_plain_tar_and_webdataset_read_the_shards(converted):
+    out, manifest = converted
+    tar, _ = manifest["splits"]["val"]["dali"]["shards"][0]
+    listing = subprocess.run(["tar", "tf", str(out / "dali/val" / tar)], capture_output=True, text=True, check=True)
+    names = listing.stdout.split()
+    assert names[:3] == ["00000000.jpg", "00000000.cls", "00000000.label.i32"]
+    import webdataset as wds
+    samples = list(wds.WebDataset(str(out / "dali/val" / tar), shardshuffle=False).decode("pil"))
+    assert len(samples) == manifest["splits"]["val"]["samples"]
+    assert [s["cls"] for s in samples] == [label for _, label, _ in shard_samples(out, "val")]
+    assert all(s["jpg"].mode == "RGB" for s in samples)
+
+
+def test_rerun_with_same_settings_does_nothing(converted, quirky_tree):
+    out, manifest = converted
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    again = convert(quirky_tree[0], out, ConvertSettings(shard_size=40), workers=2, console=quiet())
+    assert again["files"] == manifest["files"]
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_other_settings_never_overwrite_without_flag(clean_tree, tmp_path):
+    root = clean_tree[0]
+    out = tmp_path / "out"
+    convert(root, out, ConvertSettings(formats=("dali",)), workers=1, console=quiet())
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(ConvertError, match=r"max_resolution: 512 -> 256.*--overwrite"):
+        convert(root, out, ConvertSettings(formats=("dali",), max_resolution=256), workers=1, console=quiet())
+    assert (out / "manifest.json").read_bytes() == before
+    manifest = convert(root, out, ConvertSettings(formats=("dali",), max_resolution=256), workers=1,
+                       overwrite=True, console=quiet())
+    assert manifest["settings"]["max_resolution"] == 256 and verify(out) == []
+
+
+def test_refuses_a_directory_that_is_not_an_output(clean_tree, tmp_path):
+    (tmp_path / "thesis.tex").write_text("precious")
+    with pytest.raises(ConvertError, match="not empty"):
+        convert(clean_tree[0], tmp_path, ConvertSettings(formats=("dali",)), workers=1, console=quiet())
+    assert (tmp_path / "thesis.tex").read_text() == "precious" and not (tmp_path / "dali").exists()
+
+
+def test_strict_fails_on_the_first_bad_file(quirky_tree, tmp_path):
+    run = subprocess.run(CONVERT + [str(quirky_tree[0]), str(tmp_path / "out"), "--strict", "--formats", "dali"],
+                         capture_output=True, text=True)
+    assert run.returncode == 1
+    assert "--strict: train/stray_file.JPEG: not inside a class directory" in " ".join(run.stderr.split())
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_strict_names_a_broken_image(clean_tree, tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(clean_tree[0], tree)
+    victim = sorted((tree / "train").rglob("*.JPEG"))[5]
+    victim.write_bytes(victim.read_bytes()[:1000])
+    run = subprocess.run(CONVERT + [str(tree), str(tmp_path / "out"), "--strict", "--formats", "dali"],
+                         capture_output=True, text=True)
+    message = " ".join(run.stderr.split())
+    assert run.returncode == 1 and str(victim.relative_to(tree)) in message and "truncated" in message
+    without = subprocess.run(CONVERT + [str(tree), str(tmp_path / "out2"), "--formats", "dali"],
+                             capture_output=True, text=True)
+    assert without.returncode == 0 and "1 rejected" in " ".join(without.stderr.split())
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--formats", "tfrecord"], "--formats: unknown"),
+    (["--jpeg-quality", "0"], "--jpeg-quality"),
+    (["--holdout-fraction", "1.5"], "--holdout-fraction"),
+])
+def test_bad_options_are_clear_errors(clean_tree, tmp_path, args, message):
+    run = subprocess.run(CONVERT + [str(clean_tree[0]), str(tmp_path / "o")] + args, capture_output=True, text=True)
+    assert run.returncode == 1 and message in run.stderr
+
+
+def test_unknown_layout_from_the_cli(tmp_path):
+    run = subprocess.run(CONVERT + [str(tmp_path), str(tmp_path / "o")], capture_output=True, text=True)
+    assert run.returncode == 1 and "no ImageNet layout found" in run.stderr and "Kaggle" in run.stderr
+
+
+@pytest.fixture
+def damaged(converted, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(converted[0], copy)
+    return copy
+
+
+def test_verify_names_a_truncated_shard(damaged):
+    shard = damaged / "dali/train/shard-000001.tar"
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    run = subprocess.run(VERIFY + [str(damaged)], capture_output=True, text=True)
+    text = " ".join(run.stderr.split())
+    assert run.returncode == 1 and "shard-000001.tar" in text and "truncated" in text and "--overwrite" in text
+
+
+def test_verify_names_a_flipped_byte_in_a_beton(damaged):
+    beton = damaged / "ffcv/holdout.beton"
+    data = bytearray(beton.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    beton.write_bytes(bytes(data))
+    problems = verify(damaged)
+    assert any("holdout.beton" in p and "sha256" in p for p in problems)
+
+
+def test_verify_names_a_truncated_beton(damaged):
+    beton = damaged / "ffcv/train.beton"
+    with open(beton, "r+b") as f:
+        f.truncate(4096)
+    problems = verify(damaged)
+    assert any("train.beton" in p and "FFCV cannot read it" in p for p in problems)
+
+
+def test_verify_catches_a_relabelled_sample(damaged):
+    """Consistent checksums do not hide a wrong label: .cls and .label.i32 must agree."""
+    idx = damaged / "dali/val/shard-000000.idx"
+    tar = damaged / "dali/val/shard-000000.tar"
+    line = idx.read_text().splitlines()[1].split()
+    offset = int(line[line.index("cls") + 1])
+    data = bytearray(tar.read_bytes())
+    data[offset] = ord("9") if data[offset] != ord("9") else ord("8")
+    tar.write_bytes(bytes(data))
+    problems = verify(damaged)
+    assert any("labels disagree" in p for p in problems)
+
+
+def test_verify_without_manifest_says_how_to_finish(tmp_path):
+    run = subprocess.run(VERIFY + [str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 1 and "manifest.json" in run.stderr and "resumes" in run.stderr
