@@ -28,14 +28,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pipelines.formats.imagenet_names import imagenet_1k  # noqa: E402
+
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon")
 TEXTURES = ("solid", "stripes", "dots", "checker", "waves")
 CANVAS = 768  # images are drawn at most this large, then resized: a 4,000-px image costs no more to draw
 
 
 def imagenet_wnids() -> list[str]:
-    from timm.data import ImageNetInfo
-    return list(ImageNetInfo().label_names())
+    return list(imagenet_1k())
 
 
 def choose_wnids(classes: int) -> list[str]:

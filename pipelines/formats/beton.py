@@ -21,7 +21,11 @@ from .files import commit, tmp_path
 from .layout import IMAGE_EXT, LABEL_EXT
 from .webdataset import read_index
 
-PAGE_SIZE = 1 << 23  # FFCV's default (8 MiB): a page holds ~100 images at 512 px
+# FFCV allocates storage per worker in pages. 8 MiB (FFCV's default) holds ~100 images at 512 px and keeps
+# reads sequential on ImageNet; a small split gets 2 MiB pages (FFCV's minimum), or half-empty 8 MiB pages
+# would make up most of its file.
+LARGE_PAGE, SMALL_PAGE = 1 << 23, 1 << 21
+SAMPLES_PER_WORKER = 4096  # below this, another writer process costs more to start than it saves
 
 
 class ShardSamples:
@@ -37,6 +41,9 @@ class ShardSamples:
             self.tars.append(str(tar))
         self.rows = np.array(rows, dtype=np.int64).reshape(-1, 4)
         self._fds: dict[int, int] = {}
+
+    def image_bytes(self) -> int:
+        return int(self.rows[:, 2].sum())
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -75,8 +82,10 @@ def write_beton(shards: list[tuple[Path, Path]], beton: Path, workers: int) -> i
     tmp = tmp_path(beton)
     # FFCV workers append pages in the order they fill them; the samples' table order is fixed, so the
     # samples are the same in every run even though the page layout may differ.
-    writer = DatasetWriter(str(tmp), {"image": image, "label": IntField()}, page_size=PAGE_SIZE,
-                           num_workers=max(1, min(workers, len(dataset) // 256 + 1)))
+    workers = max(1, min(workers, len(dataset) // SAMPLES_PER_WORKER))
+    small = dataset.image_bytes() < 64 * SMALL_PAGE * workers
+    writer = DatasetWriter(str(tmp), {"image": image, "label": IntField()},
+                           page_size=SMALL_PAGE if small else LARGE_PAGE, num_workers=workers)
     writer.from_indexed_dataset(dataset, chunksize=256)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())

@@ -9,6 +9,7 @@ and redoes the rest. The manifest is written after everything else; `.work/` is 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import multiprocessing
 import os
@@ -244,13 +245,13 @@ def _convert_split(ctx: Context, split: str, samples: list[PlannedSample]) -> li
 # ---------------------------------------------------------------- manifest
 
 def _versions() -> dict:
-    import PIL
-    versions = {"python": platform.python_version(), "pillow": PIL.__version__}
-    try:
-        import ffcv
-        versions["ffcv"] = ffcv.__version__
-    except ImportError:
-        pass
+    """Versions of what wrote the output, read from package metadata (importing FFCV would take ~10 s)."""
+    versions = {"python": platform.python_version()}
+    for package in ("pillow", "numpy", "ffcv"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
     return versions
 
 
@@ -271,7 +272,7 @@ def _split_summary(ctx: Context, split: str, planned: int, records: list[dict], 
     return summary
 
 
-def _finish(ctx: Context, source: ScannedSource, identity: dict, plan: dict, records: dict) -> dict:
+def _finish(ctx: Context, source: ScannedSource, identity: dict, plan: dict, records: dict, clock: dict) -> dict:
     out, formats = ctx.out, ctx.settings.formats
     rejected = [r.as_dict() for r in source.rejected] + [x for split in records for r in records[split]
                                                          for x in r["rejected"]]
@@ -303,6 +304,10 @@ def _finish(ctx: Context, source: ScannedSource, identity: dict, plan: dict, rec
         "files": files,
         "rejected": rejected,
         "versions": _versions(),
+        # Seconds spent by the run that finished the output (a resumed run times only its own part).
+        "timing": {"workers": ctx.workers, "scan_s": clock["scanned"] - clock["start"],
+                   "shards_s": clock["shards"] - clock["scanned"], "betons_s": clock["betons"] - clock["shards"],
+                   "total_s": time.perf_counter() - clock["start"]},
     }
     atomic_write_bytes(out / MANIFEST, dumps(manifest))
     shutil.rmtree(out / WORK, ignore_errors=True)
@@ -318,6 +323,7 @@ def convert(src: Path, out: Path, settings: ConvertSettings, *, workers: int | N
     console = console or Console(stderr=True)
     out = Path(out).expanduser().resolve()
     ctx = Context(out, settings, workers or os.cpu_count() or 1, strict, console)
+    clock = {"start": time.perf_counter()}
 
     with console.status(f"scanning {src}") as status:
         source = detect_and_scan(Path(src), lambda n: status.update(f"scanning {src}: {n:,} files"))
@@ -341,6 +347,7 @@ def convert(src: Path, out: Path, settings: ConvertSettings, *, workers: int | N
         console.print(f"resuming the unfinished conversion in {out} (discarded {stale} partial files)")
 
     records = {}
+    clock["scanned"] = time.perf_counter()
     ctx.pool = multiprocessing.Pool(ctx.workers, initializer=_ignore_sigint)
     try:
         with make_progress(console) as ctx.progress:
@@ -349,6 +356,7 @@ def convert(src: Path, out: Path, settings: ConvertSettings, *, workers: int | N
     finally:
         ctx.pool.terminate()
         ctx.pool.join()
+    clock["shards"] = time.perf_counter()
 
     if "ffcv" in settings.formats:
         for split, recs in records.items():
@@ -358,8 +366,9 @@ def convert(src: Path, out: Path, settings: ConvertSettings, *, workers: int | N
             if shards and not beton.exists():
                 console.print(f"writing {beton.relative_to(out)} from {len(shards)} shards (no re-decode)")
                 write_beton(shards, beton, ctx.workers)
+    clock["betons"] = time.perf_counter()
 
-    manifest = _finish(ctx, source, identity, plan, records)
+    manifest = _finish(ctx, source, identity, plan, records, clock)
     _print_summary(console, out, manifest)
     return manifest
 

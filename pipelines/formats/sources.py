@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .imagenet_names import imagenet_1k
+
 # A location is a small tuple so that it pickles cheaply to worker processes:
 #   ("file", path)                      a file on disk
 #   ("tar", archive, offset, size)      a member's bytes inside an uncompressed tar (also nested tars)
@@ -135,14 +137,12 @@ def _filter_val_classes(val: list[SourceFile], train_wnids: list[str], rejected:
 
 
 def _names_from_timm(wnids: list[str]) -> dict[str, str]:
-    """Readable names for ImageNet wnids, from the synset table that timm ships (no download)."""
+    """Readable names for ImageNet wnids, from the synset table that timm ships."""
     try:
-        from timm.data import ImageNetInfo
-        info = ImageNetInfo()
-        known = set(info.label_names())
-        return {w: info.label_name_to_description(w) for w in wnids if w in known}
-    except Exception:  # a table is a nicety; its absence must not stop a conversion
+        known = imagenet_1k()
+    except (ImportError, OSError):  # a table is a nicety; its absence must not stop a conversion
         return {}
+    return {w: known[w] for w in wnids if w in known}
 
 
 def scan_imagefolder(src: Path, progress: Progress | None = None) -> ScannedSource:
