@@ -63,7 +63,7 @@ def test_labels_follow_the_sorted_wnids(converted, quirky_tree):
                     for p in root.rglob("*.JPEG") if p.parent.name in wnids}
     checked = 0
     for split in ("train", "holdout", "val"):
-        for key, label, jpeg in shard_samples(out, split):
+        for _, label, jpeg in shard_samples(out, split):
             digest = hashlib.sha1(jpeg).hexdigest()
             if digest in source_label:
                 assert source_label[digest] == label

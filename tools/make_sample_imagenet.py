@@ -99,11 +99,10 @@ def _shape_mask(shape: str, w: int, h: int, rng: np.random.Generator) -> Image.I
     for _ in range(int(rng.integers(1, 3))):
         r = rng.uniform(0.2, 0.38) * min(w, h)
         cx, cy = rng.uniform(r * 0.6, w - r * 0.6), rng.uniform(r * 0.6, h - r * 0.6)
-        rot = rng.uniform(0, 2 * math.pi)
+        cos, sin = math.cos(rot := rng.uniform(0, 2 * math.pi)), math.sin(rot)
 
-        def poly(points):
-            return [(cx + px * math.cos(rot) - py * math.sin(rot), cy + px * math.sin(rot) + py * math.cos(rot))
-                    for px, py in points]
+        def poly(points, cx=cx, cy=cy, cos=cos, sin=sin):
+            return [(cx + px * cos - py * sin, cy + px * sin + py * cos) for px, py in points]
 
         def regular(n, radius=r, phase=0.0):
             return [(radius * math.cos(phase + 2 * math.pi * i / n), radius * math.sin(phase + 2 * math.pi * i / n))

@@ -68,16 +68,18 @@ DEVKIT = "ILSVRC2012_devkit_t12"
 Progress = Callable[[int], None]  # called with the number of files found so far
 
 
-def read_bytes(location: Location, _handles: dict = {}) -> bytes:
-    """Read one input's bytes. Tar members are read in place with pread: nothing is unpacked to disk.
-    The archive handles are cached per process (a worker reads thousands of members of one tar)."""
+_open_archives: dict[str, int] = {}  # per process: a worker reads thousands of members of one tar
+
+
+def read_bytes(location: Location) -> bytes:
+    """Read one input's bytes. Tar members are read in place with pread: nothing is unpacked to disk."""
     if location[0] == "file":
         with open(location[1], "rb") as f:
             return f.read()
     _, archive, offset, size = location
-    fd = _handles.get(archive)
+    fd = _open_archives.get(archive)
     if fd is None:
-        fd = _handles[archive] = os.open(archive, os.O_RDONLY)
+        fd = _open_archives[archive] = os.open(archive, os.O_RDONLY)
     data = os.pread(fd, size, offset)
     if len(data) != size:
         raise OSError(f"{archive} ends inside a member ({len(data)} of {size} bytes at offset {offset})")

@@ -18,7 +18,7 @@ from PIL import Image
 
 from .files import sha256_file
 from .layout import CLASS_EXT, IMAGE_EXT, LABEL_EXT, REJECTED
-from .manifest import RECONVERT, DatasetError, load_manifest
+from .manifest import RECONVERT, load_manifest
 from .webdataset import read_index
 
 Tick = Callable[[str], None]
