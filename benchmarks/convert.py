@@ -60,10 +60,12 @@ def main(argv: list[str] | None = None) -> int:
                 "images": images,
                 **{f"{phase}_images_per_s_per_core": summarize([images / r[f"{phase}_s"] / workers for r in runs])
                    for phase in ("shards", "betons", "total")},
-                "seconds": {phase: summarize([r[f"{phase}_s"] for r in runs]) for phase in ("scan", "shards", "betons", "total")},
+                "seconds": {phase: summarize([r[f"{phase}_s"] for r in runs])
+                            for phase in ("scan", "shards", "betons", "total")},
             }
     settings = {**ConvertSettings().__dict__, "formats": list(ConvertSettings().formats)}
-    sample_desc = str(args.sample) if args.sample else f"generated: {args.classes} classes x ({args.per_class} train + 10 val)"
+    sample_desc = str(args.sample) if args.sample else \
+        f"generated: {args.classes} classes x ({args.per_class} train + 10 val)"
     path = write_record("convert", {"settings": settings, "sample": sample_desc,
                                     "goal_images_per_s_per_core": GOAL_PER_CORE, "results": results})
     table = Table(title=f"converter images/s per core (median of {args.repeats}); goal {GOAL_PER_CORE}")
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         table.add_column(column, justify="right")
     for workers, r in results.items():
         table.add_row(workers, str(r["images"]),
-                      *(f"{r[f'{phase}_images_per_s_per_core']['median']:,.0f}" for phase in ("shards", "betons", "total")))
+                      *(f"{r[f'{phase}_images_per_s_per_core']['median']:,.0f}"
+                        for phase in ("shards", "betons", "total")))
     console.print(table)
     console.print(f"record: {path}")
     return 0

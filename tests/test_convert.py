@@ -1,5 +1,6 @@
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -45,7 +46,8 @@ def test_every_input_is_converted_or_listed(converted, quirky_tree):
 def test_quirky_files_are_stored_as_rgb_jpeg(converted, quirky_tree):
     out, _ = converted
     root, _, expected = quirky_tree
-    stored = {hashlib.sha1(jpeg).hexdigest() for split in ("train", "holdout") for _, _, jpeg in shard_samples(out, split)}
+    stored = {hashlib.sha1(jpeg).hexdigest()
+              for split in ("train", "holdout") for _, _, jpeg in shard_samples(out, split)}
     for rel, outcome in expected.items():
         if outcome == "copied":
             assert hashlib.sha1((root / rel).read_bytes()).hexdigest() in stored, rel
@@ -169,6 +171,8 @@ def test_strict_names_a_broken_image(clean_tree, tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--formats", "tfrecord"], "--formats: unknown"),
+    (["--formats", ""], "--formats: empty"),
+    (["--workers", "0"], "--workers must be at least 1"),
     (["--jpeg-quality", "0"], "--jpeg-quality"),
     (["--holdout-fraction", "1.5"], "--holdout-fraction"),
 ])
@@ -228,6 +232,45 @@ def test_verify_catches_a_relabelled_sample(damaged):
     assert any("labels disagree" in p for p in problems)
 
 
-def test_verify_without_manifest_says_how_to_finish(tmp_path):
+def test_verify_explains_a_directory_without_manifest(tmp_path):
+    run = subprocess.run(VERIFY + [str(tmp_path / "nowhere")], capture_output=True, text=True)
+    assert run.returncode == 1 and "no such directory" in run.stderr
     run = subprocess.run(VERIFY + [str(tmp_path)], capture_output=True, text=True)
-    assert run.returncode == 1 and "manifest.json" in run.stderr and "resumes" in run.stderr
+    assert run.returncode == 1 and "not a converted dataset" in run.stderr and "convert it first" in run.stderr
+    (tmp_path / ".work").mkdir()
+    run = subprocess.run(VERIFY + [str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 1 and "unfinished conversion" in run.stderr and "resumes" in run.stderr
+
+
+def test_odd_trees_are_converted_with_notes(clean_tree, tmp_path):
+    """A non-UTF-8 file name, a hidden directory, an empty class directory and a flat val folder: nothing
+    crashes, nothing is dropped, and the notes say what happened."""
+    root, wnids = clean_tree
+    tree = tmp_path / "tree"
+    shutil.copytree(root / "train", tree / "train")
+    first = sorted((tree / "train" / wnids[0]).iterdir())[0]
+    odd_name = os.fsencode(first.parent) + b"/caf\xe9_latin1.JPEG"
+    os.rename(os.fsencode(first), odd_name)
+    (tree / "train" / ".ipynb_checkpoints").mkdir()
+    shutil.copy(sorted((tree / "train" / wnids[1]).iterdir())[0], tree / "train" / ".ipynb_checkpoints" / "x.JPEG")
+    (tree / "train" / "n99999999").mkdir()  # an empty class directory
+    (tree / "val").mkdir()
+    shutil.copy(sorted((root / "val" / wnids[0]).iterdir())[0], tree / "val" / "ILSVRC2012_val_00000001.JPEG")
+    manifest = convert(tree, tmp_path / "out", ConvertSettings(formats=("dali",)), workers=1, console=quiet())
+    notes = " ".join(manifest["source"]["notes"])
+    assert "hidden directories ['.ipynb_checkpoints']" in notes and "n99999999 is empty" in notes
+    assert "holds 1 images directly" in notes
+    assert [c["wnid"] for c in manifest["classes"]] == sorted(wnids + ["n99999999"])
+    rejected = {r["path"]: r["reason"] for r in manifest["rejected"]}
+    assert "hidden directory" in rejected["train/.ipynb_checkpoints/x.JPEG"]
+    assert "not inside a class directory" in rejected["val/ILSVRC2012_val_00000001.JPEG"]
+    assert manifest["splits"]["train"]["samples"] + manifest["splits"]["holdout"]["samples"] == 48
+    assert verify(tmp_path / "out") == []
+
+
+def test_out_that_is_a_file_and_bad_workers(clean_tree, tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConvertError, match="is a file"):
+        convert(clean_tree[0], tmp_path / "f", ConvertSettings(), workers=1, console=quiet())
+    with pytest.raises(ConvertError, match="--workers"):
+        convert(clean_tree[0], tmp_path / "o", ConvertSettings(), workers=0, console=quiet())

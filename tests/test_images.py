@@ -95,3 +95,9 @@ def test_portrait_and_huge_images_are_capped_on_the_longer_side():
 def test_bad_files_are_rejected_with_a_reason(data, reason):
     with pytest.raises(BadImage, match=reason):
         prepare_image(data, 512, 90)
+
+
+def test_decompression_bombs_are_rejected_with_that_reason(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 120x90 = 10,800 px is over twice the limit
+    with pytest.raises(BadImage, match="too large to decode safely"):
+        prepare_image(saved(picture()), 512, 90)

@@ -74,8 +74,13 @@ def test_unknown_layout_error_lists_accepted_layouts(tmp_path):
     assert str(tmp_path) in message
     for words in ("ImageFolder", "Kaggle", "ILSVRC2012_img_train.tar", "LOC_val_solution.csv"):
         assert words in message
-    with pytest.raises(SourceError, match="not a directory"):
+    with pytest.raises(SourceError, match="does not exist"):
         detect_and_scan(tmp_path / "missing")
+
+
+def test_part_of_a_tree_gets_a_hint(clean_tree):
+    with pytest.raises(SourceError, match=r"part of a tree: pass the folder that holds train/"):
+        detect_and_scan(clean_tree[0] / "train")
 
 
 def test_official_val_without_devkit_is_an_error(layouts, tmp_path):

@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.rmdir()
     partial.rename(args.out)
     total = len(wnids) * (args.per_class + args.val_per_class)
-    print(f"wrote {total:,} images of {len(wnids)} classes to {args.out}" + (" (plus quirky files)" if args.quirks else ""))
+    quirks = f" plus {len(quirky_files(wnids, args.seed))} quirky and broken files" if args.quirks else ""
+    print(f"wrote {total:,} images of {len(wnids)} classes{quirks} to {args.out}")
     return 0
 
 

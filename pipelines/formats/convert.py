@@ -16,9 +16,11 @@ import os
 import platform
 import shutil
 import signal
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
@@ -54,8 +56,10 @@ class ConvertSettings:
 
     def check(self) -> None:
         bad = [f for f in self.formats if f not in FORMATS]
-        if bad or not self.formats:
-            raise ConvertError(f"--formats: unknown {bad or 'empty list'}; choose from {','.join(FORMATS)}")
+        if not self.formats:
+            raise ConvertError(f"--formats: empty; choose one or both of {','.join(FORMATS)}")
+        if bad:
+            raise ConvertError(f"--formats: unknown {bad}; choose from {','.join(FORMATS)}")
         if self.max_resolution < 0:
             raise ConvertError("--max-resolution must be 0 (keep the size) or a positive number of pixels")
         if not 1 <= self.jpeg_quality <= 100:
@@ -75,6 +79,11 @@ class Context:
     console: Console
     progress: Progress | None = None
     pool: multiprocessing.pool.Pool | None = field(default=None, repr=False)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def check_stop(self) -> None:
+        if self.stop.is_set():
+            raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------- worker side
@@ -98,6 +107,48 @@ def _prepare(job: tuple) -> tuple | str:
     except Exception as e:  # an unexpected decoder failure rejects this file, with its reason, not the run
         return f"decoder error: {type(e).__name__}: {e}"
     return image.jpeg, image.copied
+
+
+def _beton_process(shards: list[tuple[Path, Path]], beton: Path, workers: int) -> None:
+    """Runs write_beton in a child. Stopped (SIGTERM from the parent, or Ctrl-C), it stops FFCV's writer
+    processes too, so none is left writing to the discarded temporary file."""
+    def stop(signum, _frame):
+        for child in multiprocessing.active_children():
+            child.terminate()
+        os._exit(128 + signum)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    write_beton(shards, beton, workers)
+
+
+@contextmanager
+def _ctrl_c_stops_at_safe_points(ctx: Context) -> Iterator[None]:
+    """Ctrl-C sets a flag that the parent checks between results (ctx.check_stop), instead of raising
+    KeyboardInterrupt wherever the main thread happens to be: inside multiprocessing's or rich's locks,
+    or in numba's compiler, which swallows it. A second Ctrl-C interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_sigint(_signum, _frame):
+        if ctx.stop.is_set():
+            raise KeyboardInterrupt
+        ctx.stop.set()
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _next_result(ctx: Context, results) -> tuple | str:
+    while True:
+        ctx.check_stop()
+        try:
+            return results.next(timeout=0.2)
+        except multiprocessing.TimeoutError:
+            pass
 
 
 # ---------------------------------------------------------------- progress
@@ -175,7 +226,7 @@ def _identity(source: ScannedSource, plan: dict[str, list[PlannedSample]], setti
     digest = hashlib.sha256()
     for split, samples in plan.items():
         for s in samples:
-            digest.update(f"{split}\t{s.index}\t{s.label}\t{s.ref}\n".encode())
+            digest.update(f"{split}\t{s.index}\t{s.label}\t{s.ref}\n".encode("utf-8", "surrogateescape"))
     return {"settings": {**asdict(settings), "formats": list(settings.formats)},
             "source": {"layout": source.layout, "path": str(source.root)},
             "plan_sha256": digest.hexdigest()}
@@ -206,7 +257,7 @@ def _write_shard(ctx: Context, split: str, k: int, chunk: list[PlannedSample], r
     writer = ShardWriter(directory / shard_name(k), directory / index_name(k))
     rejected, labels, copied = [], Counter(), 0
     for sample in chunk:
-        result = next(results)
+        result = _next_result(ctx, results)
         if isinstance(result, str):
             rejected.append({"path": sample.ref, "split": split, "reason": result})
             if ctx.strict:
@@ -238,7 +289,9 @@ def _convert_split(ctx: Context, split: str, samples: list[PlannedSample]) -> li
     if todo:
         s = ctx.settings
         jobs = ((sample.location, s.max_resolution, s.jpeg_quality) for k in todo for sample in chunks[k])
-        results = ctx.pool.imap(_prepare, jobs, chunksize=4)  # ordered: shards come out deterministic
+        # Ordered, so shards come out deterministic. One image per task (1-20 ms of work against ~0.05 ms
+        # of messaging), so that Ctrl-C can be checked between results: a chunked imap has no timeout.
+        results = ctx.pool.imap(_prepare, jobs)
         for k in todo:
             records[k] = _write_shard(ctx, split, k, chunks[k], results, task)
     return [records[k] for k in range(len(chunks))]
@@ -249,6 +302,7 @@ def _write_betons(ctx: Context, records: dict[str, list[dict]]) -> None:
     most of a small split's time there; side by side, the splits' waits overlap (0.8 s -> 0.3 s for the
     700-image sample). On ImageNet the train .beton dominates and uses all --workers."""
     import ffcv.writer  # noqa: F401  imported once here (~10 s of numba set-up), inherited by the forks
+    ctx.check_stop()
     running = []
     try:
         for split, recs in records.items():
@@ -256,12 +310,15 @@ def _write_betons(ctx: Context, records: dict[str, list[dict]]) -> None:
             shards = [(_shard_dir(ctx, split) / r["tar"], _shard_dir(ctx, split) / r["index"])
                       for r in recs if r["samples"]]
             if shards and not beton.exists():  # it exists only if a previous run finished it
-                ctx.console.print(f"writing {beton.relative_to(ctx.out)} from {len(shards)} shards (no re-decode)")
-                process = multiprocessing.Process(target=write_beton, args=(shards, beton, ctx.workers))
+                ctx.console.print(f"writing {beton.relative_to(ctx.out)} from {len(shards)} shard(s), "
+                                  "no re-decoding")
+                process = multiprocessing.Process(target=_beton_process, args=(shards, beton, ctx.workers))
                 process.start()
                 running.append((process, beton))
         for process, beton in running:
-            process.join()
+            while process.is_alive():
+                ctx.check_stop()
+                process.join(timeout=0.2)
             if process.exitcode != 0:
                 raise ConvertError(f"writing {beton} failed (exit code {process.exitcode}, error above); "
                                    "rerun the same command to retry: the shards are kept")
@@ -348,23 +405,38 @@ def _finish(ctx: Context, source: ScannedSource, identity: dict, plan: dict, rec
 
 def convert(src: Path, out: Path, settings: ConvertSettings, *, workers: int | None = None,
             strict: bool = False, overwrite: bool = False, console: Console | None = None) -> dict:
-    """Convert SRC into OUT; returns the manifest. Raises ConvertError (or SourceError) with the reason."""
+    """Convert SRC into OUT; returns the manifest. Raises ConvertError (or SourceError) with the reason,
+    and KeyboardInterrupt after Ctrl-C, once the finished shards are safely recorded."""
     settings.check()
+    if workers is not None and workers < 1:
+        raise ConvertError("--workers must be at least 1")
     console = console or Console(stderr=True)
     out = Path(out).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"{out} is a file; OUT must be a new or empty directory, or a previous output")
     ctx = Context(out, settings, workers or os.cpu_count() or 1, strict, console)
+    with _ctrl_c_stops_at_safe_points(ctx):
+        return _convert(ctx, Path(src), overwrite)
+
+
+def _convert(ctx: Context, src: Path, overwrite: bool) -> dict:
+    console, settings, out = ctx.console, ctx.settings, ctx.out
     clock = {"start": time.perf_counter()}
 
+    def scanning(n: int) -> None:
+        ctx.check_stop()
+        status.update(f"scanning {src}: {n:,} files")
+
     with console.status(f"scanning {src}") as status:
-        source = detect_and_scan(Path(src), lambda n: status.update(f"scanning {src}: {n:,} files"))
-    if strict and source.rejected:
+        source = detect_and_scan(src, scanning)
+    if ctx.strict and source.rejected:
         first = source.rejected[0]
         raise ConvertError(f"--strict: {first.ref}: {first.reason}")
     plan = plan_splits(source.train, source.val, source.train_wnids, settings.holdout_fraction, settings.seed)
     counts = ", ".join(f"{split} {len(s):,}" for split, s in plan.items())
     console.print(f"{source.layout} layout at {source.root}: {len(source.train_wnids)} classes; {counts}")
     for note in source.notes:
-        console.print(f"note: {note}")
+        console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
 
     identity = _identity(source, plan, settings)
     state = _prepare_out(out, identity, overwrite)
@@ -392,6 +464,7 @@ def convert(src: Path, out: Path, settings: ConvertSettings, *, workers: int | N
         _write_betons(ctx, records)
     clock["betons"] = time.perf_counter()
 
+    ctx.check_stop()
     manifest = _finish(ctx, source, identity, plan, records, clock)
     _print_summary(console, out, manifest)
     return manifest
@@ -402,10 +475,11 @@ def _print_summary(console: Console, out: Path, manifest: dict) -> None:
     samples = sum(s["samples"] for s in splits.values())
     copied = sum(s["copied"] for s in splits.values())
     per_split = " · ".join(f"{name} {s['samples']:,}" for name, s in splits.items())
-    reasons = Counter(r["reason"].split(":")[0] for r in manifest["rejected"])
+    reasons = sorted(Counter(r["reason"].split(":")[0] for r in manifest["rejected"]).items(),
+                     key=lambda kv: (-kv[1], kv[0]))
     rejected = len(manifest["rejected"])
     line = (f"converted {samples:,} images ({per_split}): {copied:,} stored byte for byte, "
             f"{samples - copied:,} re-encoded; {rejected:,} rejected")
     if rejected:
-        line += f", listed in {out / REJECTED} (" + "; ".join(f"{n} {r}" for r, n in reasons.most_common()) + ")"
+        line += f", listed in {out / REJECTED} (" + "; ".join(f"{n} × {r}" for r, n in reasons) + ")"
     console.print(line)

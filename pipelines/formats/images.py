@@ -60,9 +60,13 @@ def _open(data: bytes) -> Image.Image:
     if not data:
         raise BadImage("empty file (0 bytes)")
     try:
-        return Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise BadImage("not an image: no decoder recognises its content") from None
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"too large to decode safely (Pillow's decompression-bomb limit): {e}") from None
     except Exception as e:
         raise BadImage(f"unreadable image header: {e}") from None
 

@@ -17,9 +17,13 @@ RECONVERT = "convert again (tools/convert_imagenet.py SRC OUT --overwrite), then
 
 def load_manifest(out: Path) -> dict:
     path = Path(out) / MANIFEST
+    if not Path(out).is_dir():
+        raise DatasetError(f"{out}: no such directory; pass the OUT directory of tools/convert_imagenet.py")
     if not path.is_file():
-        hint = " (an unfinished conversion is there)" if (Path(out) / ".work").exists() else ""
-        raise DatasetError(f"{path}: missing, so {out} is not a finished conversion{hint}; {RESUME}")
+        if (Path(out) / ".work").exists():
+            raise DatasetError(f"{out} holds an unfinished conversion (no {MANIFEST} yet); {RESUME}")
+        raise DatasetError(f"{out} is not a converted dataset: it has no {MANIFEST}; convert it first with "
+                           "tools/convert_imagenet.py SRC OUT")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
 DEVKIT = "ILSVRC2012_devkit_t12"
 
+WNID_RE = re.compile(r"n\d{8}")
 Progress = Callable[[int], None]  # called with the number of files found so far
 
 
@@ -88,6 +90,8 @@ def read_bytes(location: Location) -> bytes:
 
 def detect_and_scan(src: Path, progress: Progress | None = None) -> ScannedSource:
     src = src.expanduser().resolve()
+    if not src.exists():
+        raise SourceError(f"{src}: does not exist\n{ACCEPTED_LAYOUTS}")
     if not src.is_dir():
         raise SourceError(f"{src}: not a directory\n{ACCEPTED_LAYOUTS}")
     if (src / TRAIN_TAR).is_file():
@@ -97,7 +101,10 @@ def detect_and_scan(src: Path, progress: Progress | None = None) -> ScannedSourc
             return scan_kaggle(kaggle_root, data, progress)
     if (src / "train").is_dir():
         return scan_imagefolder(src, progress)
-    raise SourceError(f"{src}: no ImageNet layout found\n{ACCEPTED_LAYOUTS}")
+    hint = ""
+    if src.name in ("train", "val", "CLS-LOC") or any(WNID_RE.fullmatch(p.name) for p in src.iterdir() if p.is_dir()):
+        hint = f" (it looks like part of a tree: pass the folder that holds train/, perhaps {src.parent})"
+    raise SourceError(f"{src}: no ImageNet layout found{hint}\n{ACCEPTED_LAYOUTS}")
 
 
 # ---------------------------------------------------------------- ImageFolder and Kaggle (files on disk)
@@ -116,15 +123,41 @@ def _walk_class_dir(root: Path, class_dir: Path, wnid: str, progress: Progress |
 
 
 def _scan_class_tree(root: Path, tree: Path, split: str, progress: Progress | None,
-                     rejected: list[Reject]) -> tuple[list[str], list[SourceFile]]:
-    wnids, files = [], []
+                     rejected: list[Reject], notes: list[str]) -> tuple[list[str], list[SourceFile]]:
+    """Class directories are the non-hidden directories of `tree`, empty ones included (as in torchvision's
+    ImageFolder: removing a directory would shift every later label). A hidden directory (.ipynb_checkpoints,
+    .Trash) is not a class: its files are listed as rejected."""
+    wnids, files, loose, hidden = [], [], 0, []
     for entry in sorted(tree.iterdir()):
-        if entry.is_dir():
+        rel = str(entry.relative_to(root))
+        if entry.is_dir() and entry.name.startswith("."):
+            hidden.append(entry.name)
+            stray: list[SourceFile] = []
+            _walk_class_dir(root, entry, entry.name, None, stray)
+            rejected += [Reject(f.ref, "inside a hidden directory, which is not a class", split) for f in stray]
+        elif entry.is_dir():
             wnids.append(entry.name)
+            before = len(files)
             _walk_class_dir(root, entry, entry.name, progress, files)
+            if len(files) == before:
+                notes.append(f"{rel} is empty: class {entry.name} keeps its label but has no {split} images")
         else:
-            rejected.append(Reject(str(entry.relative_to(root)), "not inside a class directory", split))
+            rejected.append(Reject(rel, "not inside a class directory", split))
+            loose += 1
+    if hidden:
+        notes.append(f"{tree}: hidden directories {hidden} are not classes; their files are listed as rejected")
+    if loose and split == "val" and not wnids:
+        notes.append(f"{tree} holds {loose} images directly, not in class directories (the raw ILSVRC val "
+                     "layout), so they have no labels: use the Kaggle or official-archive layout, or sort them "
+                     "into val/<wnid>/")
     return wnids, files
+
+
+def _note_unusual_names(wnids: list[str], notes: list[str]) -> None:
+    odd = [w for w in wnids if not WNID_RE.match(w)]
+    if odd:
+        notes.append(f"{len(odd)} class directories are not ImageNet wnids (e.g. {odd[:3]}); they are classes "
+                     "all the same, so labels differ from the standard ImageNet indices")
 
 
 def _filter_val_classes(val: list[SourceFile], train_wnids: list[str], rejected: list[Reject]) -> list[SourceFile]:
@@ -149,15 +182,17 @@ def _names_from_timm(wnids: list[str]) -> dict[str, str]:
 
 def scan_imagefolder(src: Path, progress: Progress | None = None) -> ScannedSource:
     rejected: list[Reject] = []
-    train_wnids, train = _scan_class_tree(src, src / "train", "train", progress, rejected)
+    notes: list[str] = []
+    train_wnids, train = _scan_class_tree(src, src / "train", "train", progress, rejected, notes)
     if not train_wnids:
         raise SourceError(f"{src / 'train'}: no class directories found\n{ACCEPTED_LAYOUTS}")
+    _note_unusual_names(train_wnids, notes)
     val = None
     if (src / "val").is_dir():
-        _, val = _scan_class_tree(src, src / "val", "val", progress, rejected)
+        _, val = _scan_class_tree(src, src / "val", "val", progress, rejected, notes)
         val = _filter_val_classes(val, train_wnids, rejected)
     names = _read_synset_mapping(src / "LOC_synset_mapping.txt") or _names_from_timm(train_wnids)
-    return ScannedSource("imagefolder", src, train, val, names, train_wnids, rejected)
+    return ScannedSource("imagefolder", src, train, val, names, train_wnids, rejected, notes)
 
 
 def _read_synset_mapping(path: Path) -> dict[str, str]:
@@ -174,9 +209,10 @@ def _read_synset_mapping(path: Path) -> dict[str, str]:
 def scan_kaggle(root: Path, data: Path, progress: Progress | None = None) -> ScannedSource:
     rejected: list[Reject] = []
     notes = []
-    train_wnids, train = _scan_class_tree(root, data / "train", "train", progress, rejected)
+    train_wnids, train = _scan_class_tree(root, data / "train", "train", progress, rejected, notes)
     if not train_wnids:
         raise SourceError(f"{data / 'train'}: no class directories found\n{ACCEPTED_LAYOUTS}")
+    _note_unusual_names(train_wnids, notes)
     val = None
     val_dir = data / "val"
     if val_dir.is_dir():

@@ -37,7 +37,8 @@ def holdout_count(n: int, fraction: float) -> int:
 
 
 def _hash_rank(seed: int, f: SourceFile) -> bytes:
-    return hashlib.sha256(f"{seed}/{f.wnid}/{f.name}".encode()).digest()
+    # surrogateescape: a file name that is not valid UTF-8 (allowed on Linux) hashes by its raw bytes
+    return hashlib.sha256(f"{seed}/{f.wnid}/{f.name}".encode("utf-8", "surrogateescape")).digest()
 
 
 def _identity(f: SourceFile) -> tuple:

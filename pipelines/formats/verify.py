@@ -142,7 +142,8 @@ def verify(out: Path, decode: bool = False, tick: Tick = lambda _: None) -> list
         if not path.is_file():
             problems.append(f"{path}: missing; {RECONVERT}")
         elif path.stat().st_size != meta["bytes"]:
-            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {meta['bytes']} (truncated?); {RECONVERT}")
+            problems.append(f"{path}: {path.stat().st_size} bytes, manifest says {meta['bytes']} (truncated?); "
+                            f"{RECONVERT}")
         elif sha256_file(path) != meta["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest (corrupted or modified); {RECONVERT}")
     num_classes = manifest["num_classes"]
