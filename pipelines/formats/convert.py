@@ -142,13 +142,25 @@ def _ctrl_c_stops_at_safe_points(ctx: Context) -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _next_result(ctx: Context, results) -> tuple | str:
+BATCH = 8  # images per worker task: messaging costs less than per image, and Ctrl-C still waits < 0.2 s
+
+
+def _prepare_batch(jobs: list[tuple]) -> list[tuple | str]:
+    return [_prepare(job) for job in jobs]
+
+
+def _results(ctx: Context, jobs: list[tuple]) -> Iterator[tuple | str]:
+    """The workers' results in job order (so shards come out deterministic), checking for Ctrl-C while
+    waiting: imap with a timeout, over batches, since a chunked imap cannot wait with a timeout."""
+    batches = ctx.pool.imap(_prepare_batch, (jobs[i:i + BATCH] for i in range(0, len(jobs), BATCH)))
     while True:
         ctx.check_stop()
         try:
-            return results.next(timeout=0.2)
+            yield from batches.next(timeout=0.2)
         except multiprocessing.TimeoutError:
             pass
+        except StopIteration:
+            return
 
 
 # ---------------------------------------------------------------- progress
@@ -257,7 +269,7 @@ def _write_shard(ctx: Context, split: str, k: int, chunk: list[PlannedSample], r
     writer = ShardWriter(directory / shard_name(k), directory / index_name(k))
     rejected, labels, copied = [], Counter(), 0
     for sample in chunk:
-        result = _next_result(ctx, results)
+        result = next(results)
         if isinstance(result, str):
             rejected.append({"path": sample.ref, "split": split, "reason": result})
             if ctx.strict:
@@ -288,10 +300,8 @@ def _convert_split(ctx: Context, split: str, samples: list[PlannedSample]) -> li
                                  completed=sum(len(chunks[k]) for k in records))
     if todo:
         s = ctx.settings
-        jobs = ((sample.location, s.max_resolution, s.jpeg_quality) for k in todo for sample in chunks[k])
-        # Ordered, so shards come out deterministic. One image per task (1-20 ms of work against ~0.05 ms
-        # of messaging), so that Ctrl-C can be checked between results: a chunked imap has no timeout.
-        results = ctx.pool.imap(_prepare, jobs)
+        results = _results(ctx, [(sample.location, s.max_resolution, s.jpeg_quality)
+                                 for k in todo for sample in chunks[k]])
         for k in todo:
             records[k] = _write_shard(ctx, split, k, chunks[k], results, task)
     return [records[k] for k in range(len(chunks))]
