@@ -18,8 +18,7 @@ import numpy as np
 from PIL import Image
 
 from .files import commit, tmp_path
-from .layout import IMAGE_EXT, LABEL_EXT
-from .webdataset import read_index
+from .webdataset import ShardReader
 
 # FFCV allocates storage per worker in pages. 8 MiB (FFCV's default) holds ~100 images at 512 px and keeps
 # reads sequential on ImageNet; a small split gets 2 MiB pages (FFCV's minimum), or half-empty 8 MiB pages
@@ -28,37 +27,18 @@ LARGE_PAGE, SMALL_PAGE = 1 << 23, 1 << 21
 SAMPLES_PER_WORKER = 4096  # below this, another writer process costs more to start than it saves
 
 
-class ShardSamples:
-    """An indexable dataset over shard members, read with pread; what FFCV's writer workers consume."""
+class _BetonSamples:
+    """What FFCV's writer workers index: ((jpeg, width, height), label), read from the shards."""
 
     def __init__(self, shards: list[tuple[Path, Path]]):
-        self.tars, rows = [], []
-        for tar, index in shards:
-            for members in read_index(index):
-                by_ext = {m.ext: m for m in members}
-                image = by_ext[IMAGE_EXT]
-                rows.append((len(self.tars), image.offset, image.size, by_ext[LABEL_EXT].offset))
-            self.tars.append(str(tar))
-        self.rows = np.array(rows, dtype=np.int64).reshape(-1, 4)
-        self._fds: dict[int, int] = {}
-
-    def image_bytes(self) -> int:
-        return int(self.rows[:, 2].sum())
+        self.reader = ShardReader(shards)
 
     def __len__(self) -> int:
-        return len(self.rows)
-
-    def _read(self, shard: int, offset: int, size: int) -> bytes:
-        fd = self._fds.get(shard)
-        if fd is None:
-            fd = self._fds[shard] = os.open(self.tars[shard], os.O_RDONLY)
-        return os.pread(fd, size, offset)
+        return len(self.reader)
 
     def __getitem__(self, i: int):
-        shard, offset, size, label_offset = (int(v) for v in self.rows[i])
-        jpeg = self._read(shard, offset, size)
+        jpeg, label = self.reader.read(i)
         width, height = Image.open(io.BytesIO(jpeg)).size  # header only
-        label = int(np.frombuffer(self._read(shard, label_offset, 4), "<i4")[0])
         return (jpeg, width, height), label
 
 
@@ -75,7 +55,7 @@ def write_beton(shards: list[tuple[Path, Path]], beton: Path, workers: int) -> i
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 
-    dataset = ShardSamples(shards)
+    dataset = _BetonSamples(shards)
     image = RGBImageField(write_mode="jpg")
     image.encode = _store_jpeg
     beton.parent.mkdir(parents=True, exist_ok=True)
@@ -83,7 +63,7 @@ def write_beton(shards: list[tuple[Path, Path]], beton: Path, workers: int) -> i
     # FFCV workers append pages in the order they fill them; the samples' table order is fixed, so the
     # samples are the same in every run even though the page layout may differ.
     workers = max(1, min(workers, len(dataset) // SAMPLES_PER_WORKER))
-    small = dataset.image_bytes() < 64 * SMALL_PAGE * workers
+    small = dataset.reader.image_bytes() < 64 * SMALL_PAGE * workers
     writer = DatasetWriter(str(tmp), {"image": image, "label": IntField()},
                            page_size=SMALL_PAGE if small else LARGE_PAGE, num_workers=workers)
     writer.from_indexed_dataset(dataset, chunksize=256)

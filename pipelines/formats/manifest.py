@@ -37,3 +37,21 @@ def load_manifest(out: Path) -> dict:
 
 def dumps(manifest: dict) -> bytes:
     return (json.dumps(manifest, indent=1, sort_keys=False) + "\n").encode()
+
+
+def split_info(out: Path, manifest: dict, split: str) -> dict:
+    """A split's entry, or a DatasetError naming the splits there are."""
+    if split not in manifest["splits"]:
+        raise DatasetError(f"{Path(out) / MANIFEST}: no split '{split}' (it has {sorted(manifest['splits'])}); "
+                           "'val' exists only when the source has the official validation set")
+    return manifest["splits"][split]
+
+
+def dali_shards(out: Path, manifest: dict, split: str) -> list[tuple[Path, Path]]:
+    """[(tar, index)] of a split's webdataset shards."""
+    info = split_info(out, manifest, split)
+    if "dali" not in info:
+        raise DatasetError(f"{out} was converted without the webdataset shards; convert again with "
+                           "--formats ffcv,dali (or --formats dali)")
+    directory = Path(out) / info["dali"]["dir"]
+    return [(directory / tar, directory / index) for tar, index in info["dali"]["shards"]]

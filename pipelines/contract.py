@@ -1,0 +1,68 @@
+"""The contract every loader honours, so that nothing outside `pipelines/` asks which kind it got.
+
+`build_loader(...)` returns an object with
+- `__iter__` yielding `(images, labels)`: images B x 3 x H x W on `device`, channels_last, normalized with the
+  ImageNet mean and std, in `dtype`; labels int64 on `device`;
+- `__len__`: batches per epoch (per rank);
+- `set_epoch(epoch)`: reshuffles (train) for that epoch.
+
+Train: random-resized-crop with torchvision's ranges, then a horizontal flip with p = 0.5.
+Eval: resize the shorter side to image_size / 0.875, then center-crop; every sample once per epoch across ranks.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+EVAL_CROP_FRACTION = 0.875  # eval resizes the shorter side to image_size / 0.875 (256 for 224), then crops
+
+
+class Loader(Protocol):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def __len__(self) -> int: ...
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+def eval_resize(image_size: int) -> int:
+    return round(image_size / EVAL_CROP_FRACTION)
+
+
+def normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 B x 3 x H x W (on the device already) -> normalized `dtype`, channels_last. Done on the device:
+    the host copies a quarter of the bytes (uint8, not float32)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    out = (images.float() - mean) / std
+    return out.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def rank_indices(n: int, *, rank: int, world_size: int, train: bool, seed: int, epoch: int) -> np.ndarray:
+    """The sample indices rank `rank` reads in `epoch`.
+    Train: one permutation per (seed, epoch), cut into equal parts (the remainder is dropped, so every rank
+    runs the same number of steps). Eval: sample i goes to rank i % world_size, in order: every sample is
+    read exactly once across ranks, none twice."""
+    if not train:
+        return np.arange(rank, n, world_size)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    per_rank = n // world_size
+    return order[rank * per_rank:(rank + 1) * per_rank]
+
+
+def check_batch(images: torch.Tensor, labels: torch.Tensor, *, image_size: int, device: torch.device,
+                dtype: torch.dtype, num_classes: int) -> None:
+    """Raises AssertionError saying which part of the contract a batch breaks (used by the tests)."""
+    assert images.dim() == 4 and images.shape[1:] == (3, image_size, image_size), f"shape {tuple(images.shape)}"
+    assert images.device.type == torch.device(device).type, f"images on {images.device}, expected {device}"
+    assert images.dtype == dtype, f"images are {images.dtype}, expected {dtype}"
+    assert images.is_contiguous(memory_format=torch.channels_last), "images are not channels_last"
+    assert labels.dtype == torch.int64 and labels.shape == (images.shape[0],), f"labels {labels.dtype} {labels.shape}"
+    assert labels.device.type == images.device.type, "labels and images on different devices"
+    assert int(labels.min()) >= 0 and int(labels.max()) < num_classes, "label out of range"
+    mean = images.float().mean(dim=(0, 2, 3))
+    assert mean.abs().max() < 2.5, f"channel means {mean.tolist()}: not normalized?"

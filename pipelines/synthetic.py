@@ -1,0 +1,44 @@
+"""The upper bound on speed: one preallocated batch on the device, yielded len() times per epoch.
+
+It costs no decoding, no host-to-device copy and no allocation, so training with it measures the model alone.
+Its length and classes follow the real split, so a run with it takes as many steps as with real data.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .contract import rank_indices
+from .formats.manifest import load_manifest, split_info
+
+
+class SyntheticLoader:
+    def __init__(self, *, batches: int, batch_size: int, image_size: int, num_classes: int,
+                 device: torch.device, dtype: torch.dtype, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)  # already "normalized"
+        labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
+        self.images = images.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        self.labels = labels.to(device)
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def set_epoch(self, epoch: int) -> None:
+        pass  # nothing to shuffle
+
+    def __iter__(self):
+        for _ in range(self.batches):
+            yield self.images, self.labels
+
+
+def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bool, device: torch.device,
+          dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None) -> SyntheticLoader:
+    manifest = load_manifest(data)
+    samples = len(rank_indices(split_info(data, manifest, split)["samples"], rank=rank, world_size=world_size,
+                               train=train, seed=seed, epoch=0))
+    batches = samples // batch_size if train else -(-samples // batch_size)
+    return SyntheticLoader(batches=batches, batch_size=batch_size, image_size=image_size,
+                           num_classes=manifest["num_classes"], device=torch.device(device), dtype=dtype, seed=seed)

@@ -1,0 +1,91 @@
+"""The baseline a user would write without this project: a torch DataLoader over the same stored JPEGs,
+decoded with PIL (libjpeg-turbo) on the CPU and augmented with `transforms.v2`, pinned memory and
+non-blocking copies. It is the reference for correctness and for speed. (`torchvision.io.decode_jpeg` would
+do the same, but it is deprecated since torchvision 0.29.)
+
+It reads the converter's webdataset shards by their index (one pread per sample), so it sees exactly the
+images the DALI and FFCV loaders see. Augmentation runs on PIL images in the workers; the batch crosses to
+the device as uint8 (a quarter of the float32 bytes) and is normalized there.
+"""
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from .contract import CROP_RATIO, CROP_SCALE, eval_resize, normalize, rank_indices
+from .formats.manifest import dali_shards, load_manifest
+from .formats.webdataset import ShardReader
+
+
+class ShardDataset(Dataset):
+    def __init__(self, shards: list[tuple[Path, Path]], transform):
+        self.reader = ShardReader(shards)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        jpeg, label = self.reader.read(i)
+        return self.transform(Image.open(io.BytesIO(jpeg)).convert("RGB")), label
+
+
+class EpochSampler(Sampler):
+    """This rank's indices for the current epoch (contract.rank_indices)."""
+
+    def __init__(self, n: int, *, rank: int, world_size: int, train: bool, seed: int):
+        self.n, self.rank, self.world_size, self.train, self.seed, self.epoch = n, rank, world_size, train, seed, 0
+
+    def indices(self) -> np.ndarray:
+        return rank_indices(self.n, rank=self.rank, world_size=self.world_size, train=self.train, seed=self.seed,
+                            epoch=self.epoch)
+
+    def __iter__(self):
+        return iter(self.indices().tolist())
+
+    def __len__(self) -> int:
+        return len(self.indices())
+
+
+class TorchvisionLoader:
+    def __init__(self, dataset: ShardDataset, sampler: EpochSampler, *, batch_size: int, train: bool,
+                 device: torch.device, dtype: torch.dtype, workers: int, seed: int):
+        self.sampler, self.device, self.dtype = sampler, device, dtype
+        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                                 pin_memory=device.type == "cuda", drop_last=train,
+                                 persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.epoch = epoch
+
+    def __iter__(self):
+        for images, labels in self.loader:
+            images = images.to(self.device, non_blocking=True)
+            yield normalize(images, self.dtype), labels.to(self.device, non_blocking=True)
+
+
+def transforms(image_size: int, train: bool) -> v2.Transform:
+    """PIL image -> uint8 3 x size x size tensor. The geometry runs on the PIL image, before the tensor."""
+    if train:
+        return v2.Compose([v2.RandomResizedCrop(image_size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
+                           v2.RandomHorizontalFlip(0.5), v2.PILToTensor()])
+    return v2.Compose([v2.Resize(eval_resize(image_size), antialias=True), v2.CenterCrop(image_size),
+                       v2.PILToTensor()])
+
+
+def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bool, device: torch.device,
+          dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None) -> TorchvisionLoader:
+    dataset = ShardDataset(dali_shards(data, load_manifest(data), split), transforms(image_size, train))
+    sampler = EpochSampler(len(dataset), rank=rank, world_size=world_size, train=train, seed=seed)
+    return TorchvisionLoader(dataset, sampler, batch_size=batch_size, train=train, device=torch.device(device),
+                             dtype=dtype, workers=(os.cpu_count() or 1) if workers is None else workers, seed=seed)
