@@ -70,3 +70,19 @@ def remove_tmp_files(directory: Path) -> int:
     for p in stale:
         p.unlink()
     return len(stale)
+
+
+_open_for_pread: dict[str, int] = {}  # per process: readers take thousands of members from one tar
+
+
+def pread_exact(path: str, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset` of `path`, through a cached descriptor (pread has no shared file position,
+    so processes forked with the cache can use it too). A short read means the file is truncated."""
+    fd = _open_for_pread.get(path)
+    if fd is None:
+        fd = _open_for_pread[path] = os.open(path, os.O_RDONLY)
+    data = os.pread(fd, size, offset)
+    if len(data) != size:
+        raise OSError(f"{path} ends inside a member ({len(data)} of {size} bytes at offset {offset}); "
+                      "the file is truncated")
+    return data

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .files import pread_exact
 from .imagenet_names import imagenet_1k
 
 # A location is a small tuple so that it pickles cheaply to worker processes:
@@ -70,22 +71,13 @@ WNID_RE = re.compile(r"n\d{8}")
 Progress = Callable[[int], None]  # called with the number of files found so far
 
 
-_open_archives: dict[str, int] = {}  # per process: a worker reads thousands of members of one tar
-
-
 def read_bytes(location: Location) -> bytes:
     """Read one input's bytes. Tar members are read in place with pread: nothing is unpacked to disk."""
     if location[0] == "file":
         with open(location[1], "rb") as f:
             return f.read()
     _, archive, offset, size = location
-    fd = _open_archives.get(archive)
-    if fd is None:
-        fd = _open_archives[archive] = os.open(archive, os.O_RDONLY)
-    data = os.pread(fd, size, offset)
-    if len(data) != size:
-        raise OSError(f"{archive} ends inside a member ({len(data)} of {size} bytes at offset {offset})")
-    return data
+    return pread_exact(archive, offset, size)
 
 
 def detect_and_scan(src: Path, progress: Progress | None = None) -> ScannedSource:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .files import commit, tmp_path
+from .files import commit, pread_exact, tmp_path
 from .layout import CLASS_EXT, IMAGE_EXT, LABEL_EXT
 
 BLOCK = tarfile.BLOCKSIZE  # 512
@@ -125,7 +125,7 @@ def read_index(path: Path) -> list[list[Member]]:
 
 class ShardReader:
     """Random access to the samples of shards through their index files: one pread per member, no tar
-    parsing. File handles open lazily, so an instance forked into worker processes opens its own."""
+    parsing."""
 
     def __init__(self, shards: list[tuple[Path, Path]]):
         self.tars, rows = [], []
@@ -136,7 +136,6 @@ class ShardReader:
                 rows.append((len(self.tars), image.offset, image.size, by_ext[LABEL_EXT].offset))
             self.tars.append(str(tar))
         self.rows = np.array(rows, dtype=np.int64).reshape(-1, 4)
-        self._fds: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -144,17 +143,8 @@ class ShardReader:
     def image_bytes(self) -> int:
         return int(self.rows[:, 2].sum())
 
-    def _read(self, shard: int, offset: int, size: int) -> bytes:
-        fd = self._fds.get(shard)
-        if fd is None:
-            fd = self._fds[shard] = os.open(self.tars[shard], os.O_RDONLY)
-        data = os.pread(fd, size, offset)
-        if len(data) != size:
-            raise OSError(f"{self.tars[shard]}: ends inside a sample (truncated shard?)")
-        return data
-
     def read(self, i: int) -> tuple[bytes, int]:
         """(JPEG bytes, label) of sample i."""
         shard, offset, size, label_offset = (int(v) for v in self.rows[i])
-        label = struct.unpack("<i", self._read(shard, label_offset, 4))[0]
-        return self._read(shard, offset, size), label
+        tar = self.tars[shard]
+        return pread_exact(tar, offset, size), struct.unpack("<i", pread_exact(tar, label_offset, 4))[0]
