@@ -63,9 +63,10 @@ def summarize(values: list[float]) -> dict:
             "stdev": statistics.stdev(values) if len(values) > 1 else 0.0, "repeats": values}
 
 
-def write_record(name: str, record: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_record(name: str, record: dict, directory: Path | None = None) -> Path:
+    directory = directory or RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    path = RESULTS / f"{name}-{stamp}.json"
+    path = directory / f"{name}-{stamp}.json"
     path.write_text(json.dumps({"benchmark": name, "date": stamp, **environment(), **record}, indent=1) + "\n")
     return path

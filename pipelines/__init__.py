@@ -1,8 +1,9 @@
 """Input pipelines behind one contract (pipelines/contract.py): `build_loader(kind, ...)`.
 
-Kinds so far: `torchvision` (the baseline a user would write) and `synthetic` (the upper bound). `dali` and
-`ffcv` come with the rest of the pipelines issue. `pipelines.formats` holds the on-disk formats the
-converter writes and the loaders read.
+Kinds: `dali` (decode and augment on the GPU), `ffcv` (libjpeg-turbo on CPU threads, normalize on the GPU),
+`torchvision` (the baseline a user would write) and `synthetic` (the upper bound). `options` holds a kind's
+speed knobs (README, "Loaders"); an unknown one is an error. `pipelines.formats` holds the on-disk formats
+the converter writes and the loaders read.
 
 Imports are lazy: the converter's tools import `pipelines.formats`, and importing torch here would add ~5 s
 to each of their starts (and to each worker process).
@@ -18,16 +19,18 @@ if TYPE_CHECKING:
 
     from .contract import Loader
 
-KINDS = {"torchvision": "torchvision_ref", "synthetic": "synthetic"}  # kind -> module in this package
+# kind -> module in this package
+KINDS = {"dali": "dali_loader", "ffcv": "ffcv_loader", "torchvision": "torchvision_ref", "synthetic": "synthetic"}
 
 
 def build_loader(kind: str, data: Path | str, split: str, *, batch_size: int, image_size: int, train: bool,
                  device: torch.device | str, dtype: torch.dtype | None = None, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, workers: int | None = None) -> Loader:
+                 world_size: int = 1, seed: int = 0, workers: int | None = None,
+                 options: dict | None = None) -> Loader:
     if kind not in KINDS:
         raise ValueError(f"unknown loader '{kind}'; choose from {', '.join(KINDS)}")
     import torch
     module = importlib.import_module(f".{KINDS[kind]}", __name__)
     return module.build(Path(data), split, batch_size=batch_size, image_size=image_size, train=train,
                         device=torch.device(device), dtype=dtype or torch.float32, rank=rank,
-                        world_size=world_size, seed=seed, workers=workers)
+                        world_size=world_size, seed=seed, workers=workers, options=options)

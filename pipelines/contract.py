@@ -11,7 +11,9 @@ Eval: resize the shorter side to image_size / 0.875, then center-crop; every sam
 """
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+import dataclasses
+import os
+from typing import Any, Iterator, Mapping, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +29,58 @@ class Loader(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
     def __len__(self) -> int: ...
     def set_epoch(self, epoch: int) -> None: ...
+
+
+class LoaderUnavailable(ImportError):
+    """A loader kind whose library is not installed; the message names the pip extra that installs it."""
+
+
+def require(module: str, kind: str, extra: str):
+    """Imports `module` for loader `kind`, or raises LoaderUnavailable naming the extra to install."""
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise LoaderUnavailable(f"the '{kind}' loader needs {module}, which is not importable ({e}); "
+                                f"install it with: pip install -e '.[{extra}]'") from None
+
+
+Options = TypeVar("Options")
+
+
+def parse_options(cls: type[Options], kind: str, options: Mapping[str, Any] | None) -> Options:
+    """A loader's speed knobs (a dataclass) from a plain mapping: an unknown key or a wrong type is an error
+    that names it and lists the known ones."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in (options or {}).items():
+        if key not in fields:
+            raise ValueError(f"unknown option '{key}' for the '{kind}' loader; known: {', '.join(fields)}")
+        default = fields[key].default
+        accepted = (int, float) if isinstance(default, float) else type(default)
+        if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, accepted):
+            raise ValueError(f"option '{key}' of the '{kind}' loader must be {type(default).__name__}, "
+                             f"got {value!r}")
+        values[key] = type(default)(value)
+    return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """The options of a loader that has no speed knobs beyond `workers`."""
+
+
+def default_workers(world_size: int) -> int:
+    """CPU threads or processes per rank: the cores this process may use, shared by the ranks on this node
+    (torchrun sets LOCAL_WORLD_SIZE)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return max(1, cores // max(1, local))
+
+
+def batches_per_epoch(samples: int, batch_size: int, train: bool) -> int:
+    """Train drops the last partial batch (every rank steps in lockstep); eval keeps it (every sample counts)."""
+    return samples // batch_size if train else -(-samples // batch_size)
 
 
 def eval_resize(image_size: int) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .contract import rank_indices
+from .contract import NoOptions, batches_per_epoch, parse_options, rank_indices
 from .formats.manifest import load_manifest, split_info
 
 
@@ -35,10 +35,11 @@ class SyntheticLoader:
 
 
 def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bool, device: torch.device,
-          dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None) -> SyntheticLoader:
+          dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None,
+          options: dict | None = None) -> SyntheticLoader:
+    parse_options(NoOptions, "synthetic", options)
     manifest = load_manifest(data)
     samples = len(rank_indices(split_info(data, manifest, split)["samples"], rank=rank, world_size=world_size,
                                train=train, seed=seed, epoch=0))
-    batches = samples // batch_size if train else -(-samples // batch_size)
-    return SyntheticLoader(batches=batches, batch_size=batch_size, image_size=image_size,
-                           num_classes=manifest["num_classes"], device=torch.device(device), dtype=dtype, seed=seed)
+    return SyntheticLoader(batches=batches_per_epoch(samples, batch_size, train), batch_size=batch_size,
+                           image_size=image_size, num_classes=manifest["num_classes"], device=torch.device(device), dtype=dtype, seed=seed)

@@ -10,7 +10,6 @@ the device as uint8 (a quarter of the float32 bytes) and is normalized there.
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from .contract import CROP_RATIO, CROP_SCALE, eval_resize, normalize, rank_indices
+from .contract import (CROP_RATIO, CROP_SCALE, NoOptions, default_workers, eval_resize, normalize, parse_options,
+                       rank_indices)
 from .formats.manifest import dali_shards, load_manifest
 from .formats.webdataset import ShardReader
 
@@ -84,8 +84,10 @@ def transforms(image_size: int, train: bool) -> v2.Transform:
 
 
 def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bool, device: torch.device,
-          dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None) -> TorchvisionLoader:
+          dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None,
+          options: dict | None = None) -> TorchvisionLoader:
+    parse_options(NoOptions, "torchvision", options)
     dataset = ShardDataset(dali_shards(data, load_manifest(data), split), transforms(image_size, train))
     sampler = EpochSampler(len(dataset), rank=rank, world_size=world_size, train=train, seed=seed)
     return TorchvisionLoader(dataset, sampler, batch_size=batch_size, train=train, device=torch.device(device),
-                             dtype=dtype, workers=(os.cpu_count() or 1) if workers is None else workers, seed=seed)
+                             dtype=dtype, workers=default_workers(world_size) if workers is None else workers, seed=seed)

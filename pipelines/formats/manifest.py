@@ -55,3 +55,29 @@ def dali_shards(out: Path, manifest: dict, split: str) -> list[tuple[Path, Path]
                            "--formats ffcv,dali (or --formats dali)")
     directory = Path(out) / info["dali"]["dir"]
     return [(directory / tar, directory / index) for tar, index in info["dali"]["shards"]]
+
+
+def beton_file(out: Path, manifest: dict, split: str) -> Path:
+    """A split's .beton, or a DatasetError naming the converter flag that writes it."""
+    info = split_info(out, manifest, split)
+    if not info.get("ffcv"):
+        raise DatasetError(f"{out} was converted without the .beton files; convert again with "
+                           "--formats ffcv,dali (or --formats ffcv)")
+    return Path(out) / info["ffcv"]
+
+
+def check_files(out: Path, manifest: dict, paths: list[Path]) -> None:
+    """Each file exists with the size the manifest recorded: a stat per file, cheap enough for every loader
+    start (1,300 ImageNet shards take ~10 ms). A truncated or missing file is a DatasetError naming it;
+    damage that keeps the size shows up at read time, and tools/verify_dataset.py checks the sha256s."""
+    recorded = manifest.get("files", {})
+    for path in paths:
+        name = Path(path).relative_to(out).as_posix()
+        expected = recorded.get(name, {}).get("bytes")
+        try:
+            size = Path(path).stat().st_size
+        except OSError as e:
+            raise DatasetError(f"{path}: missing or unreadable ({e.strerror}); {RECONVERT}") from None
+        if expected is not None and size != expected:
+            raise DatasetError(f"{path}: {size:,} bytes, the manifest says {expected:,} (truncated or replaced); "
+                               f"{RECONVERT}")

@@ -1,0 +1,142 @@
+"""The `dali` loader: the pipelines of dali_pipeline.py behind the loader contract.
+
+DALI returns HWC batches; `permute(0, 3, 1, 2)` turns them into NCHW tensors that are channels_last with no
+copy. For bf16 DALI emits fp16 (half the bytes of fp32; DALI has no bf16) and torch converts it on the GPU.
+
+Epochs: a train pipeline is seeded with (seed, epoch) and reads the shard (rank + epoch) % world_size; DALI
+moves every rank to the next shard after each epoch, so consecutive epochs reuse the running pipeline, and a
+jump (a resumed run, or a repeated epoch) rebuilds it at that epoch. Each epoch yields the same number of
+batches on every rank (DDP steps in lockstep). Eval reads shards that stick to their rank and pads the last
+batch; the iterator drops the padding, so every sample counts exactly once across ranks.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .contract import batches_per_epoch, default_workers, parse_options, require
+from .formats.manifest import RECONVERT, DatasetError, check_files, dali_shards, load_manifest, split_info
+
+# ImageNet's largest JPEG is about 6,000 px on a side; DALI's ResNet-50 example pre-sizes for 5,980 x 6,430.
+FULL_SIZE_SIDE = 6430
+
+
+def dali_seed(seed: int, epoch: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def shard_size(samples: int, shard_id: int, num_shards: int) -> int:
+    """Samples DALI's reader gives shard `shard_id` of `num_shards` (contiguous, sizes differ by at most one)."""
+    return samples * (shard_id + 1) // num_shards - samples * shard_id // num_shards
+
+
+class DaliLoader:
+    def __init__(self, make_pipeline: Callable[[int], object], *, batches: int, train: bool, dtype: torch.dtype,
+                 where: str):
+        self.make_pipeline, self.batches, self.train, self.dtype, self.where = make_pipeline, batches, train, dtype, where
+        self.epoch = 0
+        self._iterator = None
+        self._next_epoch = None  # the epoch the running pipeline produces next
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _start(self, epoch: int):
+        from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        from .dali_pipeline import READER
+        self._iterator = None  # frees the previous pipeline's buffers first
+        with self._errors():
+            self._iterator = DALIGenericIterator(
+                self.make_pipeline(epoch), ["images", "labels"], reader_name=READER,
+                last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
+        self._next_epoch = epoch
+
+    def _errors(self):
+        return _DaliErrors(self.where)
+
+    def __iter__(self):
+        epoch = self.epoch if self.train else 0  # eval has no randomness: one pipeline serves every epoch
+        if self._iterator is None or self._next_epoch != epoch:
+            self._start(epoch)
+        iterator, finished = self._iterator, False
+        self._next_epoch = None  # until this epoch is read to its end, the pipeline is mid-epoch
+        try:
+            with self._errors():
+                for step, (out,) in enumerate(iterator):
+                    if step == self.batches:  # a rank whose shard is one sample longer: skip its extra batch
+                        continue
+                    images = out["images"].permute(0, 3, 1, 2)  # NHWC memory, NCHW shape: channels_last
+                    yield images.to(self.dtype), out["labels"].squeeze(1).long()
+                finished = True
+        finally:
+            if finished:
+                iterator.reset()
+                self._next_epoch = epoch + 1 if self.train else 0
+
+
+class _DaliErrors:
+    """DALI reports a damaged shard or index as a RuntimeError deep in its threads; say which data and the fix."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, RuntimeError):
+            raise DatasetError(f"DALI could not read {self.where}: {dali_reason(str(error))}\n  {RECONVERT}") from error
+        return False
+
+
+def dali_reason(message: str) -> str:
+    """The operator and the cause out of DALI's error text, without its Python traceback and C++ context."""
+    operator = re.search(r"Error in (?:CPU|GPU|MIXED|Mixed) operator `([^`]+)`", message)
+    cause = message.split("encountered:", 1)[-1]
+    cause = re.split(r"\nC\+\+ context|\nCurrent pipeline object", cause)[0].strip()
+    cause = cause if len(cause) <= 300 else cause[:300] + "..."
+    return f"{operator.group(1)}: {cause}" if operator else cause
+
+
+def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bool, device: torch.device,
+          dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None,
+          options: dict | None = None) -> DaliLoader:
+    require("nvidia.dali", "dali", "dali")
+    from .dali_pipeline import DaliOptions, eval_pipeline, train_pipeline
+    opts = parse_options(DaliOptions, "dali", options)
+    manifest = load_manifest(data)
+    shards = dali_shards(data, manifest, split)
+    check_files(data, manifest, [path for pair in shards for path in pair])
+    samples = split_info(data, manifest, split)["samples"]
+    if samples < world_size:
+        raise DatasetError(f"{data}: split '{split}' has {samples} samples, fewer than {world_size} ranks")
+    gpu = device.type == "cuda"
+    device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
+    max_side = manifest["settings"]["max_resolution"]
+    preallocate = opts.preallocate_side or (max_side if max_side else FULL_SIZE_SIDE)
+    threads = workers or default_workers(world_size)
+    definition = train_pipeline if train else eval_pipeline
+
+    def make_pipeline(epoch: int):
+        pipeline = definition(
+            [(str(t), str(i)) for t, i in shards], image_size=image_size, gpu=gpu,
+            half=dtype in (torch.float16, torch.bfloat16), shard_id=(rank + epoch) % world_size,
+            num_shards=world_size, options=opts, preallocate_side=preallocate,
+            batch_size=batch_size, num_threads=threads, device_id=device_id,
+            prefetch_queue_depth=opts.prefetch_queue_depth, seed=dali_seed(seed, epoch))
+        pipeline.build()
+        return pipeline
+
+    # Train: every rank runs as many steps as the smallest shard allows; eval: this rank's shard, padded.
+    per_rank = samples // world_size if train else shard_size(samples, rank, world_size)
+    return DaliLoader(make_pipeline, batches=batches_per_epoch(per_rank, batch_size, train), train=train,
+                      dtype=dtype, where=f"split '{split}' of {data} ({len(shards)} shards in {shards[0][0].parent})")

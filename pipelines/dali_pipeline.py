@@ -1,0 +1,91 @@
+"""DALI pipeline definitions (the graph), kept apart from the PyTorch wrapper in dali_loader.py, as DALI's
+EfficientNet example does. Every random operator draws from the pipeline's seed (dali_loader: seed, epoch).
+
+The same definition runs on the GPU (decode on `mixed`: nvJPEG plus the H100's hardware JPEG decoder; resize,
+flip and normalize on `gpu`) and, with `device_id=None`, on CPU operators, so the tests run the real graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from nvidia.dali import fn, pipeline_def, types
+
+from .contract import CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, eval_resize
+
+READER = "reader"  # the reader's name: the iterator asks it for the epoch size and shard padding
+
+
+@dataclass(frozen=True)
+class DaliOptions:
+    """The knobs that matter for speed (README, "DALI loader"). `workers` sets DALI's CPU threads."""
+    prefetch_queue_depth: int = 2  # batches the pipeline runs ahead of the trainer
+    shuffle_buffer: int = 4096  # train: samples the reader draws from at random (~160 MB of 40 KB JPEGs at 512 px)
+    # Share of the batch the H100's hardware JPEG decoder (NVJPG) takes; nvJPEG's CUDA decoder does the rest.
+    # DALI's own default is 0.65; benchmarks/loaders.py --dali-hw-load sweeps it.
+    hw_decoder_load: float = 0.65
+    # nvJPEG grows its buffers when a larger image arrives, which stalls the pipeline. Pre-sizing them for the
+    # largest stored image avoids that; 0 means: take it from the manifest's --max-resolution.
+    preallocate_side: int = 0
+    device_memory_padding: int = 211_025_920  # bytes of headroom per decoder buffer, DALI's ResNet-50 example
+    host_memory_padding: int = 140_544_512
+    read_ahead: bool = False  # ask the kernel to prefetch whole shards (helps on network file systems)
+    dont_use_mmap: bool = False  # read with pread instead of mmap (some network file systems prefer it)
+
+
+def _read(shards: list[tuple[Path, Path]], *, train: bool, shard_id: int, num_shards: int, options: DaliOptions):
+    """(jpeg bytes, int32 label) per sample. Train shuffles within a buffer; eval pads the last batch of a
+    shard (the iterator drops the padding, so no sample counts twice)."""
+    jpegs, labels = fn.readers.webdataset(
+        name=READER, paths=[str(tar) for tar, _ in shards], index_paths=[str(idx) for _, idx in shards],
+        ext=["jpg", "label.i32"], dtypes=[types.UINT8, types.INT32], missing_component_behavior="error",
+        shard_id=shard_id, num_shards=num_shards, stick_to_shard=not train, pad_last_batch=not train,
+        random_shuffle=train, initial_fill=options.shuffle_buffer,
+        read_ahead=options.read_ahead, dont_use_mmap=options.dont_use_mmap)
+    return jpegs, labels
+
+
+def _decoder_args(gpu: bool, options: DaliOptions, preallocate_side: int) -> dict:
+    if not gpu:
+        return {"device": "cpu"}
+    args = {"device": "mixed", "hw_decoder_load": options.hw_decoder_load,
+            "device_memory_padding": options.device_memory_padding,
+            "host_memory_padding": options.host_memory_padding}
+    if preallocate_side:
+        args |= {"preallocate_width_hint": preallocate_side, "preallocate_height_hint": preallocate_side}
+    return args
+
+
+def _normalize(images, *, gpu: bool, half: bool, crop: int | None = None, mirror=None):
+    """uint8 HWC -> normalized HWC. HWC is what makes the channels_last NCHW view free in the wrapper."""
+    args = {"crop": (crop, crop), "crop_pos_x": 0.5, "crop_pos_y": 0.5} if crop else {}
+    return fn.crop_mirror_normalize(
+        images, device="gpu" if gpu else "cpu", dtype=types.FLOAT16 if half else types.FLOAT, output_layout="HWC",
+        mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD], mirror=mirror, **args)
+
+
+@pipeline_def(enable_conditionals=False)
+def train_pipeline(shards, *, image_size: int, gpu: bool, half: bool, shard_id: int, num_shards: int,
+                   options: DaliOptions, preallocate_side: int):
+    """Random-resized-crop fused into the decode (only the crop's pixels are decoded), resize, coin-flip mirror."""
+    jpegs, labels = _read(shards, train=True, shard_id=shard_id, num_shards=num_shards, options=options)
+    images = fn.decoders.image_random_crop(
+        jpegs, output_type=types.RGB, random_area=list(CROP_SCALE), random_aspect_ratio=list(CROP_RATIO),
+        num_attempts=10, **_decoder_args(gpu, options, preallocate_side))
+    images = fn.resize(images, device="gpu" if gpu else "cpu", resize_x=image_size, resize_y=image_size,
+                       interp_type=types.INTERP_LINEAR, antialias=True)
+    mirror = fn.random.coin_flip(probability=0.5)
+    images = _normalize(images, gpu=gpu, half=half, mirror=mirror)
+    return images, labels.gpu() if gpu else labels
+
+
+@pipeline_def(enable_conditionals=False)
+def eval_pipeline(shards, *, image_size: int, gpu: bool, half: bool, shard_id: int, num_shards: int,
+                  options: DaliOptions, preallocate_side: int):
+    """Resize the shorter side to image_size / 0.875, then center-crop, as torchvision's eval transform."""
+    jpegs, labels = _read(shards, train=False, shard_id=shard_id, num_shards=num_shards, options=options)
+    images = fn.decoders.image(jpegs, output_type=types.RGB, **_decoder_args(gpu, options, preallocate_side))
+    images = fn.resize(images, device="gpu" if gpu else "cpu", resize_shorter=eval_resize(image_size),
+                       interp_type=types.INTERP_LINEAR, antialias=True)
+    images = _normalize(images, gpu=gpu, half=half, crop=image_size)
+    return images, labels.gpu() if gpu else labels
