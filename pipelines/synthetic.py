@@ -1,7 +1,8 @@
 """The upper bound on speed: one preallocated batch on the device, yielded len() times per epoch.
 
 It costs no decoding, no host-to-device copy and no allocation, so training with it measures the model alone.
-Its length and classes follow the real split, so a run with it takes as many steps as with real data.
+Its length and classes follow the real split, so a run with it takes as many steps as with real data. Eval
+batches differ from train batches (another seed): a model that memorized the train batch scores chance on them.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from .formats.manifest import load_manifest, split_info
 
 class SyntheticLoader:
     def __init__(self, *, batches: int, batch_size: int, image_size: int, num_classes: int,
-                 device: torch.device, dtype: torch.dtype, seed: int):
-        generator = torch.Generator().manual_seed(seed)
+                 device: torch.device, dtype: torch.dtype, seed: int, train: bool):
+        generator = torch.Generator().manual_seed(2 * seed + (0 if train else 1))
         images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)  # already "normalized"
         labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
         self.images = images.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
@@ -42,4 +43,5 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
     samples = len(rank_indices(split_info(data, manifest, split)["samples"], rank=rank, world_size=world_size,
                                train=train, seed=seed, epoch=0))
     return SyntheticLoader(batches=batches_per_epoch(samples, batch_size, train), batch_size=batch_size,
-                           image_size=image_size, num_classes=manifest["num_classes"], device=torch.device(device), dtype=dtype, seed=seed)
+                           image_size=image_size, num_classes=manifest["num_classes"], device=torch.device(device),
+                           dtype=dtype, seed=seed, train=train)

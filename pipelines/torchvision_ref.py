@@ -25,20 +25,28 @@ from .formats.webdataset import ShardReader
 
 
 class ShardDataset(Dataset):
-    def __init__(self, shards: list[tuple[Path, Path]], transform):
+    """Sample i of epoch e, augmented with torch's RNG seeded from (seed, e, i): the same crop and flip
+    whichever worker reads it, however many workers there are, and after a resume."""
+
+    def __init__(self, shards: list[tuple[Path, Path]], transform, seed: int):
         self.reader = ShardReader(shards)
-        self.transform = transform
+        self.transform, self.seed = transform, seed
 
     def __len__(self) -> int:
         return len(self.reader)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        i, epoch = item
         jpeg, label = self.reader.read(i)
-        return self.transform(Image.open(io.BytesIO(jpeg)).convert("RGB")), label
+        image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        # fork_rng: with workers=0 this runs in the trainer's process, whose RNG must not move (~10 us)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]))
+            return self.transform(image), label
 
 
 class EpochSampler(Sampler):
-    """This rank's indices for the current epoch (contract.rank_indices)."""
+    """This rank's (index, epoch) pairs for the current epoch (contract.rank_indices)."""
 
     def __init__(self, n: int, *, rank: int, world_size: int, train: bool, seed: int):
         self.n, self.rank, self.world_size, self.train, self.seed, self.epoch = n, rank, world_size, train, seed, 0
@@ -48,7 +56,7 @@ class EpochSampler(Sampler):
                             epoch=self.epoch)
 
     def __iter__(self):
-        return iter(self.indices().tolist())
+        return ((i, self.epoch) for i in self.indices().tolist())
 
     def __len__(self) -> int:
         return len(self.indices())
@@ -87,7 +95,7 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
           dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None,
           options: dict | None = None) -> TorchvisionLoader:
     parse_options(NoOptions, "torchvision", options)
-    dataset = ShardDataset(dali_shards(data, load_manifest(data), split), transforms(image_size, train))
+    dataset = ShardDataset(dali_shards(data, load_manifest(data), split), transforms(image_size, train), seed)
     sampler = EpochSampler(len(dataset), rank=rank, world_size=world_size, train=train, seed=seed)
     return TorchvisionLoader(dataset, sampler, batch_size=batch_size, train=train, device=torch.device(device),
                              dtype=dtype, workers=default_workers(world_size) if workers is None else workers, seed=seed)

@@ -1,0 +1,133 @@
+"""One training epoch and one evaluation, top to bottom. The loader's kind never matters here.
+
+No host-device sync inside the step: the loss is summed on the device and read (`.item()`) only every
+`log_every` steps, where the clock is read too. Between those points the host queues work ahead of the GPU,
+so the host time spent blocked in `next(batches)` is the time the GPU starves for input: that share of the
+window is the input-wait % shown and logged.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from .distributed import all_reduce_sum
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; the run stops without saving over the last good checkpoint."""
+
+
+@dataclass
+class TrainState:
+    """What a step changes, besides the model's and optimizer's tensors."""
+    epoch: int = 0  # the epoch being trained (completed epochs when saved at an epoch's end)
+    batch: int = 0  # batches of `epoch` already trained
+    step: int = 0  # optimizer steps so far
+    best: dict = field(default_factory=dict)  # best holdout figures so far
+
+
+@dataclass
+class Step:
+    """The pieces of one optimizer step, built once by run.py."""
+    model: torch.nn.Module  # compiled and/or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: object  # timm CosineLRScheduler, stepped per update
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    autocast: Callable[[], object]  # a fresh autocast context (or a null one for fp32)
+    label_smoothing: float
+    grad_clip: float
+
+
+def train_epoch(step: Step, batches, state: TrainState, *, world_size: int, log_every: int,
+                log: Callable[[dict], None], progress: Callable[[int], None], stop_requested: Callable[[], bool]) -> bool:
+    """Trains from batch `state.batch` to the end of `state.epoch`. Returns False when stopped early by a
+    signal (state.batch says where), True at the epoch's end. Raises NonFiniteLoss."""
+    model, optimizer, scaler = step.model, step.optimizer, step.scaler
+    model.train()
+    steps = len(batches)
+    iterator = iter(batches)
+    for _ in range(state.batch):  # a resumed run: skip what was trained before the stop (read, not trained)
+        next(iterator)
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), device=device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    window_start, waited, images_seen, window_steps = time.perf_counter(), 0.0, 0, 0
+
+    while state.batch < steps:
+        wait_start = time.perf_counter()
+        images, labels = next(iterator)
+        waited += time.perf_counter() - wait_start
+
+        with step.autocast():
+            loss = F.cross_entropy(model(images), labels, label_smoothing=step.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)  # so that clipping sees true gradients
+        else:
+            loss.backward()
+        if step.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), step.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        state.batch += 1
+        state.step += 1
+        step.scheduler.step_update(num_updates=state.step)
+
+        loss = loss.detach()
+        loss_sum += loss
+        nonfinite |= ~torch.isfinite(loss)
+        images_seen += images.shape[0]
+        window_steps += 1
+        progress(state.batch)
+
+        last = state.batch == steps
+        if window_steps == log_every or last or stop_requested():
+            mean_loss = (loss_sum / window_steps).item()  # the sync: once per window
+            if bool(nonfinite.item()):
+                raise NonFiniteLoss(f"the training loss became {mean_loss} within steps "
+                                    f"{state.step - window_steps + 1}-{state.step} (epoch {state.epoch})")
+            elapsed = time.perf_counter() - window_start
+            log({"kind": "train", "epoch": state.epoch, "batch": state.batch, "step": state.step,
+                 "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
+                 "images_per_s": images_seen * world_size / elapsed, "input_wait": waited / elapsed})
+            loss_sum.zero_()
+            window_start, waited, images_seen, window_steps = time.perf_counter(), 0.0, 0, 0
+            if stop_requested() and not last:
+                return False
+    return True
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches, *, num_classes: int, autocast: Callable[[], object]) -> dict:
+    """Top-1, top-5 and loss over this rank's part of a split, reduced across ranks: every sample once."""
+    model.eval()
+    device = next(model.parameters()).device
+    top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro").to(device)
+    top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro").to(device)
+    totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, samples
+    for images, labels in batches:
+        with autocast():
+            logits = model(images)
+        logits = logits.float()
+        top1.update(logits, labels)
+        top5.update(logits, labels)
+        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
+                               torch.tensor(labels.numel(), device=device, dtype=torch.float64)])
+    all_reduce_sum(totals)
+    samples = int(totals[1].item())
+    return {"top1": float(top1.compute()), "top5": float(top5.compute()),
+            "loss": float(totals[0] / max(samples, 1)), "samples": samples}
+
+
+def is_finite(value: float) -> bool:
+    return math.isfinite(value)

@@ -1,0 +1,24 @@
+"""AdamW and the cosine schedule with linear warmup, both from timm, stepped per optimizer step."""
+from __future__ import annotations
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+
+from .config import OptimConfig
+
+
+def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    # filter_bias_and_bn: no weight decay on biases, norm weights, the position embedding and the class token
+    # (timm's and DeiT's practice; decaying a LayerNorm gain toward 0 only fights the optimizer).
+    return create_optimizer_v2(model, opt="adamw", lr=config.lr, weight_decay=config.weight_decay,
+                               betas=tuple(config.betas), filter_bias_and_bn=True)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, *, steps_per_epoch: int,
+                    epochs: int) -> CosineLRScheduler:
+    """Linear warmup over `warmup_epochs`, then a cosine from lr to min_lr that ends at the last step."""
+    total = steps_per_epoch * epochs
+    warmup = min(round(config.warmup_epochs * steps_per_epoch), max(total - 1, 0))
+    return CosineLRScheduler(optimizer, t_initial=max(total - warmup, 1), lr_min=config.min_lr, warmup_t=warmup,
+                             warmup_lr_init=config.lr * 1e-3, warmup_prefix=True, t_in_epochs=False)

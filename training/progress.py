@@ -1,0 +1,102 @@
+"""What a run shows and writes: a rich progress display, metrics.jsonl, TensorBoard events (when tensorboard
+is installed), config.yaml and summary.json. Only rank 0 writes or draws; the other ranks' calls do nothing."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+import time
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+
+class RunLog:
+    def __init__(self, run_dir: Path, config, *, main: bool, console: Console):
+        self.run_dir, self.main, self.console = run_dir, main, console
+        self.rates: list[float] = []
+        self.waits: list[float] = []
+        self.last_eval: dict = {}
+        self.progress = self._noop
+        self.writer = None
+        self.display = None
+        if not main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        self.metrics = open(run_dir / "metrics.jsonl", "a")
+        if importlib.util.find_spec("tensorboard") is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir / "tb"))
+
+    @staticmethod
+    def _noop(*_args, **_kwargs) -> None:
+        pass
+
+    def start(self, *, epochs: int, steps: int, state) -> None:
+        if not self.main:
+            return
+        self.epochs, self.steps = epochs, steps
+        self.display = Progress(TextColumn(f"epoch {{task.fields[epoch]}}/{epochs}"), BarColumn(),
+                                MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),
+                                console=self.console, transient=False)
+        self.task = self.display.add_task("train", total=steps, completed=state.batch, epoch=state.epoch + 1,
+                                          stats="")
+        self.display.start()
+        self.progress = self._advance
+
+    def _advance(self, batch: int) -> None:
+        self.display.update(self.task, completed=batch)
+
+    def _write(self, record: dict) -> None:
+        self.metrics.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        self.metrics.flush()
+
+    def train(self, record: dict) -> None:
+        if not self.main:
+            return
+        self.rates.append(record["images_per_s"])
+        self.waits.append(record["input_wait"])
+        self._write(record)
+        self.display.update(self.task, epoch=record["epoch"] + 1, completed=record["batch"],
+                            stats=f"loss {record['loss']:.3f}  lr {record['lr']:.2e}  "
+                                  f"{record['images_per_s']:,.0f} img/s  input wait {record['input_wait']:.0%}")
+        if self.writer:
+            for key in ("loss", "lr", "images_per_s", "input_wait"):
+                self.writer.add_scalar(f"train/{key}", record[key], record["step"])
+
+    def evaluation(self, state, results: dict) -> None:
+        if not self.main:
+            return
+        self.last_eval = results
+        for split, figures in results.items():
+            self._write({"kind": "eval", "split": split, "epoch": state.epoch, "step": state.step, **figures})
+            self.console.print(f"epoch {state.epoch} {split}: top-1 {figures['top1']:.2%}  top-5 {figures['top5']:.2%}"
+                               f"  loss {figures['loss']:.3f}  ({figures['samples']:,} images)")
+            if self.writer:
+                for key in ("top1", "top5", "loss"):
+                    self.writer.add_scalar(f"{split}/{key}", figures[key], state.step)
+        if state.epoch < self.epochs:
+            self.display.reset(self.task, total=self.steps, epoch=state.epoch + 1, stats="")
+
+    def finish(self, state, *, wall_s: float) -> dict:
+        """summary.json: final and best holdout figures, throughput, wall time."""
+        summary = {"epochs": state.epoch, "steps": state.step, "final": self.last_eval, "best": state.best,
+                   "images_per_s": statistics.median(self.rates) if self.rates else None,
+                   "input_wait": statistics.median(self.waits) if self.waits else None,
+                   "wall_s": round(wall_s, 1), "run_dir": str(self.run_dir)}
+        if self.main:
+            self.display.stop()
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+
+    def close(self) -> None:
+        if not self.main:
+            return
+        if self.display:
+            self.display.stop()
+        if self.writer:
+            self.writer.close()
+        self.metrics.close()

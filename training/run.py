@@ -1,0 +1,235 @@
+"""Pre-trains a timm model (ViT-B/16 by default) on a converted ImageNet with any loader.
+
+    python training/run.py --loader dali --data OUT                      # the plan's recipe (vit_b16_seed)
+    python training/run.py --preset tiny_cpu --data OUT --device cpu     # a small ViT on a CPU
+    python training/run.py --resume runs/NAME                            # continue where it stopped
+    torchrun --nproc-per-node 8 training/run.py --loader dali --data OUT # DDP, one process per GPU
+
+Flags set the common fields; `--set section.field=value` reaches any field of training/config.py. The run
+directory gets config.yaml, metrics.jsonl, summary.json, checkpoints/{last,best}.pt and, with tensorboard
+installed, TensorBoard events in tb/. SIGINT or SIGTERM: the step finishes, a checkpoint is saved, and the
+run exits 0 saying how to resume.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python training/run.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+
+from pipelines import build_loader  # noqa: E402
+from pipelines.formats.manifest import DatasetError, load_manifest  # noqa: E402
+from training import checkpoint  # noqa: E402
+from training.config import (Config, ConfigError, apply_overrides, config_from_dict, load_config,
+                             preset_names)  # noqa: E402
+from training.distributed import Dist, cleanup, setup  # noqa: E402
+from training.loop import NonFiniteLoss, Step, TrainState, evaluate, train_epoch  # noqa: E402
+from training.model import create_model  # noqa: E402
+from training.optim import build_optimizer, build_scheduler  # noqa: E402
+from training.progress import RunLog  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+FLAGS = {"loader": "data.loader", "data": "data.path", "model": "model.name", "epochs": "train.epochs",
+         "batch_size": "data.batch_size", "lr": "optim.lr", "image_size": "data.image_size",
+         "device": "train.device", "out": "run.out", "name": "run.name", "precision": "train.precision",
+         "workers": "data.workers"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="vit_b16_seed", help=f"one of: {', '.join(preset_names())}")
+    p.add_argument("--loader", help="dali | ffcv | torchvision | synthetic")
+    p.add_argument("--data", help="OUT of tools/convert_imagenet.py")
+    p.add_argument("--model", help="any timm model name")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per GPU (per process)")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--device", help="auto | cuda | cpu")
+    p.add_argument("--precision", help="bf16 | fp16 | fp32")
+    p.add_argument("--workers", type=int, help="loader CPU threads or processes per rank")
+    p.add_argument("--out", help="parent of the run directories (default: runs)")
+    p.add_argument("--name", help="the run directory's name (default: <preset>-<loader>-<time>)")
+    p.add_argument("--resume", help="a run directory or checkpoint to continue from (its config is reused)")
+    p.add_argument("--no-compile", action="store_true", help="train without torch.compile")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any config field, e.g. --set optim.warmup_epochs=0 (repeatable)")
+    return p.parse_args(argv)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[Config, dict | None]:
+    """The preset, or the resumed run's saved config, then the flags, then --set."""
+    overrides = [f"{FLAGS[k]}={v}" for k, v in vars(args).items() if k in FLAGS and v is not None]
+    overrides += ["model.compile=false"] if args.no_compile else []
+    overrides += args.set
+    if not args.resume:
+        return load_config(args.preset, overrides), None
+    saved = checkpoint.load(checkpoint.find(args.resume))
+    return apply_overrides(config_from_dict(saved["config"]), overrides), saved
+
+
+def run_directory(config: Config, args: argparse.Namespace) -> Path:
+    if args.resume:
+        found = checkpoint.find(args.resume)
+        return found.parent.parent
+    name = config.run.name or f"{config.preset}-{config.data.loader}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    return Path(config.run.out) / name
+
+
+class StopFlag:
+    """SIGINT/SIGTERM, or train.stop_at_step reached: finish the step, save, exit 0. A second SIGINT stops at
+    once."""
+
+    def __init__(self, console: Console, state: TrainState, at_step: int):
+        self.requested, self.console, self.state = False, console, state
+        self.at_step = at_step if at_step > state.step else 0  # a resumed run goes past the step it stopped at
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.console.print(f"[yellow]{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                           "(Ctrl-C again to stop at once, unsaved)[/yellow]")
+
+    def __call__(self) -> bool:
+        return self.requested or 0 < self.at_step <= self.state.step
+
+
+def autocast_factory(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+def loaders(config: Config, dist: Dist, manifest: dict):
+    data = config.data
+    common = dict(batch_size=data.batch_size, image_size=data.image_size, device=dist.device,
+                  dtype=DTYPES[config.train.precision], rank=dist.rank, world_size=dist.world_size,
+                  seed=config.train.seed, workers=data.workers or None, options=data.options)
+    train = build_loader(data.loader, data.path, data.train_split, train=True, **common)
+    evals = {split: build_loader(data.loader, data.path, split, train=False, **common)
+             for split in data.eval_splits if split in manifest["splits"] and manifest["splits"][split]["samples"]}
+    return train, evals
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console = Console(stderr=True)
+    try:
+        config, saved = resolve_config(args)
+        if not config.data.path:
+            raise ConfigError("no dataset: pass --data OUT (the output of tools/convert_imagenet.py)")
+        dist = setup(config.train.device)
+        manifest = load_manifest(Path(config.data.path))
+    except (ConfigError, DatasetError, FileNotFoundError, RuntimeError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    run_dir = run_directory(config, args)
+    log = RunLog(run_dir, config, main=dist.main, console=console)
+    try:
+        return train(config, saved, dist, manifest, run_dir, log, console)
+    finally:
+        log.close()
+        cleanup()
+
+
+def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_dir: Path, log: RunLog,
+          console: Console) -> int:
+    torch.manual_seed(config.train.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+    num_classes = manifest["num_classes"]
+    train_batches, eval_batches = loaders(config, dist, manifest)
+
+    model = create_model(config.model, num_classes, config.data.image_size).to(dist.device)
+    if config.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, config.optim)
+    scheduler = build_scheduler(optimizer, config.optim, steps_per_epoch=len(train_batches),
+                                epochs=config.train.epochs)
+    scaler = torch.amp.GradScaler(dist.device.type) if config.train.precision == "fp16" else None
+    state = TrainState()
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if scaler is not None and saved["scaler"]:
+            scaler.load_state_dict(saved["scaler"])
+        state = TrainState(**saved["position"], best=saved["best"])
+        checkpoint.set_rng_state(saved["rng"])
+        console.print(f"resuming {run_dir} at epoch {state.epoch}, batch {state.batch} (step {state.step})")
+
+    # DDP first, then compile (the order torch's DDP + compile integration expects). `model` stays the plain
+    # module: it is what checkpoints save (timm's key names) and what evaluation runs (no recompiles).
+    trained = model
+    if dist.world_size > 1:
+        trained = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+    if config.model.compile:
+        trained = torch.compile(trained)
+    autocast = autocast_factory(config.train.precision, dist.device)
+    step = Step(trained, optimizer, scheduler, scaler, autocast, config.optim.label_smoothing, config.optim.grad_clip)
+    stop = StopFlag(console, state, config.train.stop_at_step)
+    last_path = run_dir / "checkpoints" / checkpoint.LAST
+
+    def save_last() -> None:
+        if dist.main:
+            checkpoint.save(last_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
+                "position": {"epoch": state.epoch, "batch": state.batch, "step": state.step},
+                "best": state.best, "rng": checkpoint.rng_state(), "config": config.to_dict(),
+                "num_classes": num_classes})
+
+    start = time.perf_counter()
+    log.start(epochs=config.train.epochs, steps=len(train_batches), state=state)
+    while state.epoch < config.train.epochs:
+        train_batches.set_epoch(state.epoch)
+        try:
+            finished = train_epoch(step, train_batches, state, world_size=dist.world_size,
+                                   log_every=config.train.log_every, log=log.train, progress=log.progress,
+                                   stop_requested=stop)
+        except NonFiniteLoss as e:
+            kept = f"the last good checkpoint is {last_path}" if last_path.exists() else "no checkpoint was saved"
+            console.print(f"[red]stopped:[/red] {e}. Nothing was saved over it: {kept}. Try a lower optim.lr, "
+                          "a longer optim.warmup_epochs or --set optim.grad_clip=1.0")
+            return 1
+        if not finished:
+            save_last()
+            console.print(f"stopped at epoch {state.epoch}, batch {state.batch} (step {state.step}); "
+                          f"checkpoint {last_path}\nresume with: python training/run.py --resume {run_dir}")
+            return 0
+        state.epoch, state.batch = state.epoch + 1, 0
+        if state.epoch % config.train.eval_every == 0 or state.epoch == config.train.epochs:
+            results = {split: evaluate(model, batches, num_classes=num_classes, autocast=autocast)
+                       for split, batches in eval_batches.items()}
+            log.evaluation(state, results)
+            holdout = results.get("holdout") or next(iter(results.values()), None)
+            if holdout and holdout["top1"] > state.best.get("top1", -1.0):
+                state.best = {**holdout, "epoch": state.epoch}
+                if dist.main:
+                    checkpoint.save(run_dir / "checkpoints" / checkpoint.BEST,
+                                    {"model": model.state_dict(), "config": config.to_dict(),
+                                     "num_classes": num_classes, "metrics": holdout, "epoch": state.epoch})
+        save_last()
+        if stop():
+            console.print(f"stopped after epoch {state.epoch}; resume with: python training/run.py --resume {run_dir}")
+            return 0
+    summary = log.finish(state, wall_s=time.perf_counter() - start)
+    if dist.main:
+        console.print_json(json.dumps(summary))
+        console.print(f"run directory: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
