@@ -10,7 +10,7 @@ APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO := build/demo
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo bench bench-convert clean
 
 setup: $(STAMP)
 
@@ -29,14 +29,25 @@ test: setup
 	$(PY) -m pytest -q
 
 # The main job end to end on generated data: sample tree (with quirky and broken files), conversion to
-# both formats, and a full re-read of the output against its manifest.
+# both formats, a full re-read of the output against its manifest, then a small ViT trained on it with the
+# DALI loader on the CPU (the tiny_cpu preset, about a minute on 2 cores).
 demo: setup
 	@test -d $(DEMO)/sample || $(PY) tools/make_sample_imagenet.py $(DEMO)/sample --quirks
 	$(PY) tools/convert_imagenet.py $(DEMO)/sample $(DEMO)/converted
 	$(PY) tools/verify_dataset.py $(DEMO)/converted
-	@echo "demo output: $(DEMO)/converted (manifest.json, rejected.jsonl, ffcv/, dali/)"
+	rm -rf $(DEMO)/runs/tiny_cpu-dali
+	$(PY) training/run.py --preset tiny_cpu --loader dali --data $(DEMO)/converted --out $(DEMO)/runs \
+	  --name tiny_cpu-dali
+	@echo "demo output: $(DEMO)/converted (the converted dataset), $(DEMO)/runs/tiny_cpu-dali (the run)"
 
+# Each loader alone on the demo's converted sample (made here if `make demo` has not run), side by side.
 bench: setup
+	@test -f $(DEMO)/converted/manifest.json || { \
+	  test -d $(DEMO)/sample || $(PY) tools/make_sample_imagenet.py $(DEMO)/sample --quirks; \
+	  $(PY) tools/convert_imagenet.py $(DEMO)/sample $(DEMO)/converted; }
+	$(PY) -m benchmarks.loaders --data $(DEMO)/converted
+
+bench-convert: setup
 	$(PY) -m benchmarks.convert
 
 clean:

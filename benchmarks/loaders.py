@@ -1,7 +1,7 @@
 """Loader throughput: images/s of each loader alone, on the same stored images, over a sweep of workers.
 
     python -m benchmarks.loaders --data OUT [--kinds dali ffcv torchvision synthetic] [--workers 1 2]
-                                 [--device cuda] [--batch-size 64] [--image-size 224] [--batches 40]
+                                 [--device cuda] [--batch-size 64] [--image-size 224] [--batches 20]
 
 Each (loader, workers) pair builds its train loader once and reads batches continuously, across epochs
 (set_epoch each time) as a trainer would. The first `--warmup` batches are outside the clock: they hold
@@ -79,7 +79,7 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--batches", type=int, default=40, help="batches per timed window (default: %(default)s)")
+    p.add_argument("--batches", type=int, default=20, help="batches per timed window (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=10, help="batches before the clock (default: %(default)s)")
     p.add_argument("--dali-hw-load", type=float, nargs="+", default=None,

@@ -7,7 +7,6 @@ window is the input-wait % shown and logged.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -44,11 +43,32 @@ class Step:
     grad_clip: float
 
 
+def train_step(step: Step, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """One optimizer step; returns the loss, still on the device (reading it would sync)."""
+    model, optimizer, scaler = step.model, step.optimizer, step.scaler
+    with step.autocast():
+        loss = F.cross_entropy(model(images), labels, label_smoothing=step.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # so that clipping sees true gradients
+    else:
+        loss.backward()
+    if step.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), step.grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    return loss.detach()
+
+
 def train_epoch(step: Step, batches, state: TrainState, *, world_size: int, log_every: int,
                 log: Callable[[dict], None], progress: Callable[[int], None], stop_requested: Callable[[], bool]) -> bool:
     """Trains from batch `state.batch` to the end of `state.epoch`. Returns False when stopped early by a
     signal (state.batch says where), True at the epoch's end. Raises NonFiniteLoss."""
-    model, optimizer, scaler = step.model, step.optimizer, step.scaler
+    model = step.model
     model.train()
     steps = len(batches)
     iterator = iter(batches)
@@ -64,26 +84,11 @@ def train_epoch(step: Step, batches, state: TrainState, *, world_size: int, log_
         images, labels = next(iterator)
         waited += time.perf_counter() - wait_start
 
-        with step.autocast():
-            loss = F.cross_entropy(model(images), labels, label_smoothing=step.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)  # so that clipping sees true gradients
-        else:
-            loss.backward()
-        if step.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), step.grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        loss = train_step(step, images, labels)
         state.batch += 1
         state.step += 1
         step.scheduler.step_update(num_updates=state.step)
 
-        loss = loss.detach()
         loss_sum += loss
         nonfinite |= ~torch.isfinite(loss)
         images_seen += images.shape[0]
@@ -98,7 +103,7 @@ def train_epoch(step: Step, batches, state: TrainState, *, world_size: int, log_
                                     f"{state.step - window_steps + 1}-{state.step} (epoch {state.epoch})")
             elapsed = time.perf_counter() - window_start
             log({"kind": "train", "epoch": state.epoch, "batch": state.batch, "step": state.step,
-                 "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
+                 "loss": mean_loss, "lr": step.optimizer.param_groups[0]["lr"],
                  "images_per_s": images_seen * world_size / elapsed, "input_wait": waited / elapsed})
             loss_sum.zero_()
             window_start, waited, images_seen, window_steps = time.perf_counter(), 0.0, 0, 0
@@ -127,7 +132,3 @@ def evaluate(model: torch.nn.Module, batches, *, num_classes: int, autocast: Cal
     samples = int(totals[1].item())
     return {"top1": float(top1.compute()), "top5": float(top5.compute()),
             "loss": float(totals[0] / max(samples, 1)), "samples": samples}
-
-
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)

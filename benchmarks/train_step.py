@@ -1,0 +1,178 @@
+"""Training throughput: images/s of the trainer's own step fed by the synthetic loader and by each real
+loader, side by side in one run. real / synthetic is the number the project lives by.
+
+    python -m benchmarks.train_step --data OUT [--preset vit_b16_seed] [--kinds synthetic dali ffcv torchvision]
+                                    [--batch-size 64 256] [--steps 30] [--repeats 5] [--warmup 15]
+
+One model per batch size, compiled once (every loader yields the same shape and dtype, so no recompile),
+and trained in turn from each loader: `--warmup` steps outside the clock (the compile lands there), then
+`--repeats` windows of `--steps` steps, the device synchronized at each window's edges; the figure is the
+median window. MFU counts the training FLOPs of one image (torch's FlopCounterMode over a forward and backward;
+~105 GFLOP for ViT-B/16 at 224 px) against `--peak-tflops` (default: 989, the H100 SXM's dense bf16 peak, when
+the GPU is an H100 or H200; none on other devices). Writes benchmarks/results/train_step-<stamp>.json and .md.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from benchmarks import record
+from benchmarks.record import summarize, write_record
+from pipelines import KINDS, build_loader
+from pipelines.contract import LoaderUnavailable
+from pipelines.formats.manifest import load_manifest
+from training.config import apply_overrides, load_config
+from training.loop import Step, train_step
+from training.model import create_model
+from training.optim import build_optimizer, build_scheduler
+from training.run import DTYPES, autocast_factory
+
+GOALS = {"synthetic_images_per_s_h100": 3500, "dali_vs_synthetic": 0.97, "ffcv_vs_synthetic": 0.95}
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 with fp32 accumulate, SXM
+
+
+def train_flops_per_image(model: torch.nn.Module, image_size: int, device: torch.device, autocast) -> float:
+    """FLOPs of one image's forward and backward, as torch counts them (matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    images = torch.randn(2, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+    counter = FlopCounterMode(display=False)
+    with counter, autocast():
+        model(images).float().sum().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2
+
+
+def default_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step: Step, loader, device: torch.device, args) -> dict:
+    batches = (batch for epoch in itertools.count() for batch in _epoch(loader, epoch))
+    for _ in range(args.warmup):
+        train_step(step, *next(batches))
+    rates, waits = [], []
+    for _ in range(args.repeats):
+        sync(device)
+        start, waited, images = time.perf_counter(), 0.0, 0
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            waited += time.perf_counter() - t0
+            train_step(step, *batch)
+            images += batch[0].shape[0]
+        sync(device)
+        elapsed = time.perf_counter() - start
+        rates.append(images / elapsed)
+        waits.append(waited / elapsed)
+    batches.close()
+    return {"images_per_s": summarize(rates), "input_wait": summarize(waits)}
+
+
+def _epoch(loader, epoch: int):
+    loader.set_epoch(epoch)
+    yield from loader
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--preset", default="vit_b16_seed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--batch-size", type=int, nargs="+", default=None, help="default: the preset's")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=None, help="loader workers (default: all cores)")
+    p.add_argument("--steps", type=int, default=30, help="steps per timed window (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=15, help="steps before the clock (default: %(default)s)")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: 989 on H100/H200)")
+    p.add_argument("--results", type=Path, default=record.RESULTS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    console, device = Console(), torch.device(args.device)
+    config = apply_overrides(load_config(args.preset), args.set + (["model.compile=false"] if args.no_compile else []))
+    num_classes = load_manifest(args.data)["num_classes"]
+    autocast = autocast_factory(config.train.precision, device)
+    peak = args.peak_tflops or default_peak(device)
+    rows = []
+    for batch_size in args.batch_size or [config.data.batch_size]:
+        torch.manual_seed(0)
+        model = create_model(config.model, num_classes, config.data.image_size).to(device)
+        model = model.to(memory_format=torch.channels_last)
+        flops = train_flops_per_image(model, config.data.image_size, device, autocast)
+        optimizer = build_optimizer(model, config.optim)
+        scheduler = build_scheduler(optimizer, config.optim, steps_per_epoch=1000, epochs=1)
+        scaler = torch.amp.GradScaler(device.type) if config.train.precision == "fp16" else None
+        trained = torch.compile(model) if config.model.compile else model
+        step = Step(trained, optimizer, scheduler, scaler, autocast, config.optim.label_smoothing,
+                    config.optim.grad_clip)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for kind in args.kinds:
+            console.print(f"[dim]batch {batch_size}: training from {kind} ...[/dim]")
+            try:
+                loader = build_loader(kind, args.data, config.data.train_split, batch_size=batch_size,
+                                      image_size=config.data.image_size, train=True, device=device,
+                                      dtype=DTYPES[config.train.precision], workers=args.workers,
+                                      options=config.data.options if kind == config.data.loader else None)
+            except LoaderUnavailable as e:
+                console.print(f"[yellow]skipped {kind}: {e}[/yellow]")
+                continue
+            result = measure(step, loader, device, args)
+            rate = result["images_per_s"]["median"]
+            rows.append({"kind": kind, "batch_size": batch_size, **result, "train_flops_per_image": flops,
+                         "mfu": rate * flops / (peak * 1e12) if peak else None})
+            del loader
+        if device.type == "cuda":
+            for r in rows:
+                if r["batch_size"] == batch_size:
+                    r["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    for r in rows:
+        synthetic = next((s for s in rows if s["kind"] == "synthetic" and s["batch_size"] == r["batch_size"]), None)
+        if synthetic:
+            r["vs_synthetic"] = r["images_per_s"]["median"] / synthetic["images_per_s"]["median"]
+
+    settings = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                "config": config.to_dict(), "peak_tflops": peak, "device": str(device)}
+    path = write_record("train_step", {"settings": settings, "goals": GOALS, "results": rows}, args.results)
+    env = record.environment()
+    lines = [f"Training images/s ({config.model.name}, {config.data.image_size} px, {config.train.precision}, "
+             f"compile {config.model.compile}), median of {args.repeats} windows of {args.steps} steps.",
+             f"Hardware: {env['cpu']} ({env['cores']} cores){', ' + env['gpu'] if env['gpu'] else ''}. "
+             f"Commit {env['commit']}. MFU against {peak or '-'} TFLOP/s.", "",
+             "| loader | batch | images/s | vs synthetic | input wait | MFU |", "|---|---:|---:|---:|---:|---:|"]
+    table = Table(title=f"training images/s ({config.model.name}, {device.type})")
+    for column in ("loader", "batch", "images/s", "vs synthetic", "input wait", "MFU"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        cells = [r["kind"], str(r["batch_size"]), f"{r['images_per_s']['median']:,.1f}",
+                 f"{r['vs_synthetic']:.3f}" if "vs_synthetic" in r else "-", f"{r['input_wait']['median']:.1%}",
+                 f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"]
+        table.add_row(*cells)
+        lines.append("| " + " | ".join(cells) + " |")
+    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    console.print(table)
+    console.print(f"record: {path} (and .md)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
