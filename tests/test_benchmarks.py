@@ -58,5 +58,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "all steps passed" in done.stdout and "| torchvision |" in done.stdout
     names = {p.name for p in (tmp_path / "results").iterdir()}
-    assert {"environment.txt", "gpu-tests.log", "loaders.log"} <= names
+    assert {"environment.txt", "steps.log"} <= names and len(names) <= 8  # what comes back from the GPU machine
     assert any(n.startswith("loaders-") and n.endswith(".json") for n in names)
+    assert any(n.startswith("train_step-") and n.endswith(".json") for n in names)
+    log = (tmp_path / "results" / "steps.log").read_text()
+    assert all(f"== {step}:" in log for step in ("gpu-tests", "sample", "convert", "convert-512", "loaders", "train"))
