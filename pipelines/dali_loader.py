@@ -37,7 +37,8 @@ def shard_size(samples: int, shard_id: int, num_shards: int) -> int:
 class DaliLoader:
     def __init__(self, make_pipeline: Callable[[int], object], *, batches: int, train: bool, dtype: torch.dtype,
                  where: str):
-        self.make_pipeline, self.batches, self.train, self.dtype, self.where = make_pipeline, batches, train, dtype, where
+        self.make_pipeline, self.batches, self.train = make_pipeline, batches, train
+        self.dtype, self.where = dtype, where
         self.epoch = 0
         self._iterator = None
         self._next_epoch = None  # the epoch the running pipeline produces next

@@ -97,5 +97,6 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
     parse_options(NoOptions, "torchvision", options)
     dataset = ShardDataset(dali_shards(data, load_manifest(data), split), transforms(image_size, train), seed)
     sampler = EpochSampler(len(dataset), rank=rank, world_size=world_size, train=train, seed=seed)
+    workers = default_workers(world_size) if workers is None else workers
     return TorchvisionLoader(dataset, sampler, batch_size=batch_size, train=train, device=torch.device(device),
-                             dtype=dtype, workers=default_workers(world_size) if workers is None else workers, seed=seed)
+                             dtype=dtype, workers=workers, seed=seed)

@@ -65,7 +65,8 @@ def train_step(step: Step, images: torch.Tensor, labels: torch.Tensor) -> torch.
 
 
 def train_epoch(step: Step, batches, state: TrainState, *, world_size: int, log_every: int,
-                log: Callable[[dict], None], progress: Callable[[int], None], stop_requested: Callable[[], bool]) -> bool:
+                log: Callable[[dict], None], progress: Callable[[int], None],
+                stop_requested: Callable[[], bool]) -> bool:
     """Trains from batch `state.batch` to the end of `state.epoch`. Returns False when stopped early by a
     signal (state.batch says where), True at the epoch's end. Raises NonFiniteLoss."""
     model = step.model
