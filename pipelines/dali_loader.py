@@ -3,11 +3,13 @@
 DALI returns HWC batches; `permute(0, 3, 1, 2)` turns them into NCHW tensors that are channels_last with no
 copy. For bf16 DALI emits fp16 (half the bytes of fp32; DALI has no bf16) and torch converts it on the GPU.
 
-Epochs: a train pipeline is seeded with (seed, epoch) and reads the shard (rank + epoch) % world_size; DALI
-moves every rank to the next shard after each epoch, so consecutive epochs reuse the running pipeline, and a
-jump (a resumed run, or a repeated epoch) rebuilds it at that epoch. Each epoch yields the same number of
-batches on every rank (DDP steps in lockstep). Eval reads shards that stick to their rank and pads the last
-batch; the iterator drops the padding, so every sample counts exactly once across ranks.
+Epochs: each train epoch gets a fresh pipeline seeded with (seed, epoch) that reads shard
+(rank + epoch) % world_size. A pipeline that ran on would let its shuffle buffer carry samples across the epoch
+boundary, so an epoch would depend on the ones before it and a resumed run would read other samples than an
+uninterrupted one. The rebuild costs one pipeline build and a buffer fill per epoch (seconds, against minutes
+for an ImageNet epoch). Each epoch yields the same number of batches on every rank (DDP steps in lockstep).
+Eval reads shards that stick to their rank and pads the last batch; the iterator drops the padding, so every
+sample counts exactly once across ranks; one pipeline serves every evaluation.
 """
 from __future__ import annotations
 
@@ -65,8 +67,10 @@ class DaliLoader:
         return _DaliErrors(self.where)
 
     def __iter__(self):
+        if self.batches == 0:  # this rank's share is smaller than a batch (DALI would report an empty pipeline)
+            return
         epoch = self.epoch if self.train else 0  # eval has no randomness: one pipeline serves every epoch
-        if self._iterator is None or self._next_epoch != epoch:
+        if self.train or self._iterator is None or self._next_epoch != epoch:
             self._start(epoch)
         iterator, finished = self._iterator, False
         self._next_epoch = None  # until this epoch is read to its end, the pipeline is mid-epoch
@@ -124,7 +128,7 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
     device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
     max_side = manifest["settings"]["max_resolution"]
     preallocate = opts.preallocate_side or (max_side if max_side else FULL_SIZE_SIDE)
-    threads = workers or default_workers(world_size)
+    threads = default_workers(world_size) if workers is None else max(1, workers)  # 0: DALI needs a thread
     definition = train_pipeline if train else eval_pipeline
 
     def make_pipeline(epoch: int):

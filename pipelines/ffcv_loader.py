@@ -58,14 +58,16 @@ class RankOrder:
 class FfcvLoader:
     def __init__(self, loader, *, dtype: torch.dtype, where: str):
         self.loader, self.dtype, self.where = loader, dtype, where
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def set_epoch(self, epoch: int) -> None:
-        self.loader.next_epoch = epoch
+        self.epoch = epoch
 
     def __iter__(self):
+        self.loader.next_epoch = self.epoch  # FFCV would move on by itself; every loader repeats until set_epoch
         try:
             for images, labels in self.loader:
                 # FFCV reuses its output buffers batches_ahead batches later: normalize makes new images, and
@@ -116,8 +118,9 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
         _register_rank_order()
         order = RankOrder(rank=rank, world_size=world_size, train=train, seed=seed)
     where = f"{beton} (split '{split}')"
+    threads = default_workers(world_size) if workers is None else max(1, workers)  # 0: FFCV needs a thread
     try:
-        loader = Loader(str(beton), batch_size=batch_size, num_workers=workers or default_workers(world_size),
+        loader = Loader(str(beton), batch_size=batch_size, num_workers=threads,
                         order=order, os_cache=opts.os_cache, distributed=world_size > 1, seed=seed,
                         drop_last=train, batches_ahead=opts.batches_ahead,
                         pipelines={"image": image, "label": label})

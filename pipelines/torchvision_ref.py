@@ -9,18 +9,19 @@ the device as uint8 (a quarter of the float32 bytes) and is normalized there.
 """
 from __future__ import annotations
 
+import gc
 import io
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from .contract import (CROP_RATIO, CROP_SCALE, NoOptions, default_workers, eval_resize, normalize, parse_options,
                        rank_indices)
-from .formats.manifest import dali_shards, load_manifest
+from .formats.manifest import RECONVERT, DatasetError, check_files, dali_shards, load_manifest
 from .formats.webdataset import ShardReader
 
 
@@ -28,17 +29,20 @@ class ShardDataset(Dataset):
     """Sample i of epoch e, augmented with torch's RNG seeded from (seed, e, i): the same crop and flip
     whichever worker reads it, however many workers there are, and after a resume."""
 
-    def __init__(self, shards: list[tuple[Path, Path]], transform, seed: int):
+    def __init__(self, shards: list[tuple[Path, Path]], transform, seed: int, split: str):
         self.reader = ShardReader(shards)
-        self.transform, self.seed = transform, seed
+        self.transform, self.seed, self.split = transform, seed, split
 
     def __len__(self) -> int:
         return len(self.reader)
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
         i, epoch = item
-        jpeg, label = self.reader.read(i)
-        image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        try:
+            jpeg, label = self.reader.read(i)
+            image = Image.open(io.BytesIO(jpeg)).convert("RGB")
+        except (OSError, ValueError, UnidentifiedImageError) as e:
+            raise DatasetError(f"split '{self.split}', {self.reader.where(i)}: {e}; {RECONVERT}") from None
         # fork_rng: with workers=0 this runs in the trainer's process, whose RNG must not move (~10 us)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]))
@@ -65,7 +69,7 @@ class EpochSampler(Sampler):
 class TorchvisionLoader:
     def __init__(self, dataset: ShardDataset, sampler: EpochSampler, *, batch_size: int, train: bool,
                  device: torch.device, dtype: torch.dtype, workers: int, seed: int):
-        self.sampler, self.device, self.dtype = sampler, device, dtype
+        self.sampler, self.device, self.dtype, self.started = sampler, device, dtype, False
         self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                                  pin_memory=device.type == "cuda", drop_last=train,
                                  persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
@@ -77,6 +81,11 @@ class TorchvisionLoader:
         self.sampler.epoch = epoch
 
     def __iter__(self):
+        if self.loader.num_workers and not self.started:
+            # The workers fork here. A DALI pipeline left for the garbage collector in this process would be
+            # destroyed in a worker, where its destructor blocks forever: collect it before forking.
+            gc.collect()
+            self.started = True
         for images, labels in self.loader:
             images = images.to(self.device, non_blocking=True)
             yield normalize(images, self.dtype), labels.to(self.device, non_blocking=True)
@@ -95,7 +104,13 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
           dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None,
           options: dict | None = None) -> TorchvisionLoader:
     parse_options(NoOptions, "torchvision", options)
-    dataset = ShardDataset(dali_shards(data, load_manifest(data), split), transforms(image_size, train), seed)
+    manifest = load_manifest(data)
+    shards = dali_shards(data, manifest, split)
+    check_files(data, manifest, [path for pair in shards for path in pair])
+    try:
+        dataset = ShardDataset(shards, transforms(image_size, train), seed, split)
+    except ValueError as e:  # an index that does not parse
+        raise DatasetError(f"{e}; {RECONVERT}") from None
     sampler = EpochSampler(len(dataset), rank=rank, world_size=world_size, train=train, seed=seed)
     workers = default_workers(world_size) if workers is None else workers
     return TorchvisionLoader(dataset, sampler, batch_size=batch_size, train=train, device=torch.device(device),

@@ -14,7 +14,7 @@ CUDA = torch.device("cuda", 0)
 
 
 def read(converted, kind, split, *, train, device, dtype=torch.float32, **kw):
-    loader = build_loader(kind, converted[0], split, batch_size=16, image_size=64, train=train, device=device,
+    loader = build_loader(kind, converted[0], split, batch_size=16, image_size=96, train=train, device=device,
                           dtype=dtype, workers=2, **kw)
     images, labels = zip(*loader)
     return loader, torch.cat(images).cpu().float(), torch.cat(labels).cpu()
@@ -23,11 +23,11 @@ def read(converted, kind, split, *, train, device, dtype=torch.float32, **kw):
 @pytest.mark.parametrize("kind", ["dali", "ffcv", "torchvision", "synthetic"])
 @pytest.mark.parametrize("train", [True, False])
 def test_batches_on_the_gpu_follow_the_contract(converted, kind, train):
-    loader = build_loader(kind, converted[0], "train" if train else "val", batch_size=16, image_size=64,
+    loader = build_loader(kind, converted[0], "train" if train else "val", batch_size=16, image_size=96,
                           train=train, device=CUDA, dtype=torch.bfloat16, workers=2)
     seen = 0
     for images, labels in loader:
-        check_batch(images, labels, image_size=64, device=CUDA, dtype=torch.bfloat16,
+        check_batch(images, labels, image_size=96, device=CUDA, dtype=torch.bfloat16,
                     num_classes=converted[1]["num_classes"])
         seen += 1
     assert seen == len(loader)

@@ -72,15 +72,21 @@ def remove_tmp_files(directory: Path) -> int:
     return len(stale)
 
 
-_open_for_pread: dict[str, int] = {}  # per process: readers take thousands of members from one tar
+# Per process: readers take thousands of members from one tar. Bounded, least recently used first out:
+# ImageNet has ~1,300 shards and the usual limit is 1,024 open files.
+_open_for_pread: dict[str, int] = {}
+MAX_OPEN = 256
 
 
 def pread_exact(path: str, offset: int, size: int) -> bytes:
     """`size` bytes at `offset` of `path`, through a cached descriptor (pread has no shared file position,
     so processes forked with the cache can use it too). A short read means the file is truncated."""
-    fd = _open_for_pread.get(path)
+    fd = _open_for_pread.pop(path, None)
     if fd is None:
-        fd = _open_for_pread[path] = os.open(path, os.O_RDONLY)
+        if len(_open_for_pread) >= MAX_OPEN:
+            os.close(_open_for_pread.pop(next(iter(_open_for_pread))))
+        fd = os.open(path, os.O_RDONLY)
+    _open_for_pread[path] = fd  # (re)inserted last: dicts keep insertion order
     data = os.pread(fd, size, offset)
     if len(data) != size:
         raise OSError(f"{path} ends inside a member ({len(data)} of {size} bytes at offset {offset}); "

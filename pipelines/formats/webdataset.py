@@ -143,6 +143,10 @@ class ShardReader:
     def image_bytes(self) -> int:
         return int(self.rows[:, 2].sum())
 
+    def where(self, i: int) -> str:
+        """Sample i's shard and position, for error messages."""
+        return f"{self.tars[int(self.rows[i][0])]} (sample {i} of the split, JPEG at byte {int(self.rows[i][1])})"
+
     def read(self, i: int) -> tuple[bytes, int]:
         """(JPEG bytes, label) of sample i."""
         shard, offset, size, label_offset = (int(v) for v in self.rows[i])
