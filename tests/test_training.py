@@ -161,6 +161,18 @@ def test_two_process_gloo_ddp_covers_the_data(converted, tmp_path):
     assert len(records(run, "eval")) == len(summary["final"])  # one writer: no rank 1 lines
 
 
+@pytest.mark.parametrize("precision,model", [("bf16", None), ("fp16", None), ("fp32", "resnet18")])
+def test_other_precisions_and_timm_models_train(converted, tmp_path, precision, model):
+    """bf16 autocast, fp16 with GradScaler, and a timm model that takes no img_size (a ResNet)."""
+    run = tmp_path / precision
+    extra = ["--precision", precision] + (["--model", model, "--set", "model.kwargs={}"] if model else [])
+    assert main(args(converted, run, *extra, epochs=1)) == 0
+    assert all(r["loss"] == r["loss"] and r["loss"] < 20 for r in records(run, "train"))  # finite, sane
+    saved = checkpoint.load(run / "checkpoints" / "last.pt")
+    assert saved["config"]["train"]["precision"] == precision
+    assert (model is None) or any(k.startswith("layer1.") for k in saved["model"])
+
+
 def test_compiled_training_runs(converted, tmp_path):
     """torch.compile on the CPU (~50 s): the compiled module trains, the plain one is saved and evaluated."""
     run = tmp_path / "compiled"

@@ -97,7 +97,7 @@ def train_epoch(step: Step, batches, state: TrainState, *, world_size: int, log_
         progress(state.batch)
 
         last = state.batch == steps
-        if window_steps == log_every or last or stop_requested():
+        if window_steps == log_every or last:  # the window's end: the only place the host waits for the device
             mean_loss = (loss_sum / window_steps).item()  # the sync: once per window
             if bool(nonfinite.item()):
                 raise NonFiniteLoss(f"the training loss became {mean_loss} within steps "
@@ -108,7 +108,9 @@ def train_epoch(step: Step, batches, state: TrainState, *, world_size: int, log_
                  "images_per_s": images_seen * world_size / elapsed, "input_wait": waited / elapsed})
             loss_sum.zero_()
             window_start, waited, images_seen, window_steps = time.perf_counter(), 0.0, 0, 0
-            if stop_requested() and not last:
+            # A signal is honoured here, at most log_every steps late: under DDP the ranks must agree on the
+            # step they stop at (stop_requested reduces the flag across them), and that takes a collective.
+            if not last and stop_requested():
                 return False
     return True
 

@@ -7,8 +7,8 @@
 
 Flags set the common fields; `--set section.field=value` reaches any field of training/config.py. The run
 directory gets config.yaml, metrics.jsonl, summary.json, checkpoints/{last,best}.pt and, with tensorboard
-installed, TensorBoard events in tb/. SIGINT or SIGTERM: the step finishes, a checkpoint is saved, and the
-run exits 0 saying how to resume.
+installed, TensorBoard events in tb/. SIGINT or SIGTERM: training runs to the end of the log interval, a
+checkpoint is saved, and the run exits 0 saying how to resume.
 """
 from __future__ import annotations
 
@@ -86,11 +86,11 @@ def run_directory(config: Config, args: argparse.Namespace) -> Path:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM, or train.stop_at_step reached: finish the step, save, exit 0. A second SIGINT stops at
-    once."""
+    """SIGINT/SIGTERM, or train.stop_at_step reached: train to the end of the log interval, save, exit 0. A
+    second SIGINT stops at once."""
 
-    def __init__(self, console: Console, state: TrainState, at_step: int):
-        self.requested, self.console, self.state = False, console, state
+    def __init__(self, console: Console, state: TrainState, at_step: int, device: torch.device):
+        self.requested, self.console, self.state, self.device = False, console, state, device
         self.at_step = at_step if at_step > state.step else 0  # a resumed run goes past the step it stopped at
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
@@ -99,11 +99,18 @@ class StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        self.console.print(f"[yellow]{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                           "(Ctrl-C again to stop at once, unsaved)[/yellow]")
+        self.console.print(f"[yellow]{signal.Signals(signum).name}: saving a checkpoint and stopping "
+                           "at the next log interval (Ctrl-C again to stop at once, unsaved)[/yellow]")
 
     def __call__(self) -> bool:
-        return self.requested or 0 < self.at_step <= self.state.step
+        """Whether to stop; under DDP, true on every rank once any rank was signalled (a rank that stopped
+        alone would leave the others waiting in their next all-reduce)."""
+        stop = self.requested or 0 < self.at_step <= self.state.step
+        if torch.distributed.is_initialized():
+            flag = torch.tensor([int(stop)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
 
 
 def autocast_factory(precision: str, device: torch.device):
@@ -178,7 +185,7 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
         trained = torch.compile(trained)
     autocast = autocast_factory(config.train.precision, dist.device)
     step = Step(trained, optimizer, scheduler, scaler, autocast, config.optim.label_smoothing, config.optim.grad_clip)
-    stop = StopFlag(console, state, config.train.stop_at_step)
+    stop = StopFlag(console, state, config.train.stop_at_step, dist.device)
     last_path = run_dir / "checkpoints" / checkpoint.LAST
 
     def save_last() -> None:
