@@ -38,9 +38,10 @@ def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
                                 text=True).stdout.strip()
-        # "-dirty": code differs from the commit. Result files, which benchmarks write, don't count.
+        # "-dirty": code differs from the commit. Result files, which benchmarks write, and docs don't count.
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":!benchmarks/results"], cwd=root, capture_output=True, text=True).stdout.strip()
+                                ":!benchmarks/results", ":!*.md"], cwd=root, capture_output=True,
+                               text=True).stdout.strip()
         return commit + ("-dirty" if dirty else "") if commit else "unknown"
     except OSError:
         return "unknown"
