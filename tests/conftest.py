@@ -1,3 +1,4 @@
+import shutil
 import sys
 from pathlib import Path
 
@@ -39,3 +40,11 @@ def converted(quirky_tree, tmp_path_factory):
     out = tmp_path_factory.mktemp("converted") / "out"
     manifest = convert(root, out, ConvertSettings(shard_size=40), workers=2, console=quiet())
     return out, manifest
+
+
+@pytest.fixture
+def damaged(converted, tmp_path):
+    """A copy of the converted output, for tests that break it."""
+    copy = tmp_path / "copy"
+    shutil.copytree(converted[0], copy)
+    return copy

@@ -186,13 +186,6 @@ def test_unknown_layout_from_the_cli(tmp_path):
     assert run.returncode == 1 and "no ImageNet layout found" in run.stderr and "Kaggle" in run.stderr
 
 
-@pytest.fixture
-def damaged(converted, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(converted[0], copy)
-    return copy
-
-
 def test_verify_names_a_truncated_shard(damaged):
     shard = damaged / "dali/train/shard-000001.tar"
     with open(shard, "r+b") as f:

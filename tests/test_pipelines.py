@@ -9,7 +9,6 @@ import gc
 import hashlib
 import io
 import re
-import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass
@@ -373,13 +372,6 @@ def test_a_format_that_was_not_converted_names_the_flag(one_format, fmt, kind, w
     else:
         with pytest.raises(DatasetError, match="--formats ffcv,dali"):
             loader(one_format(fmt), kind, batch_size=4)
-
-
-@pytest.fixture
-def damaged(converted, tmp_path):
-    copy = tmp_path / "copy"
-    shutil.copytree(converted[0], copy)
-    return copy
 
 
 def truncate(path):
