@@ -26,6 +26,7 @@ from benchmarks import record
 from benchmarks.record import summarize, write_record
 from pipelines import KINDS, build_loader
 from pipelines.contract import LoaderUnavailable
+from pipelines.formats.manifest import load_manifest
 
 # The pipelines issue's goals: dali and ffcv at least 2.5x torchvision on a 2-core CPU; on one H100 with 16
 # cores, dali at least 10,000 and ffcv at least 5,000 images/s at 224 px from full-size JPEGs.
@@ -135,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["kind"] != "torchvision" and r["workers"] in baseline:
             r["vs_torchvision"] = r["images_per_s"]["median"] / baseline[r["workers"]]
     settings = {k: (str(v) if isinstance(v, (Path, torch.dtype)) else v) for k, v in vars(args).items()}
+    settings["max_resolution"] = load_manifest(args.data)["settings"]["max_resolution"]  # 0: full size
     goals = {"cpu_ratio_vs_torchvision": GOAL_CPU_RATIO, "gpu_images_per_s": GOAL_GPU}
     path = write_record("loaders", {"settings": settings, "goals": goals, "results": rows}, args.results)
     path.with_suffix(".md").write_text(markdown(rows, record.environment(), settings))

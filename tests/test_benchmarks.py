@@ -1,12 +1,13 @@
 """The benchmarks run through their real code paths on the CPU, in seconds, and write honest records."""
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from benchmarks import loaders, train_step
+from benchmarks import loaders, report, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,3 +64,36 @@ def test_gpu_check_dry_run(tmp_path):
     assert any(n.startswith("train_step-") and n.endswith(".json") for n in names)
     log = (tmp_path / "results" / "steps.log").read_text()
     assert all(f"== {step}:" in log for step in ("gpu-tests", "sample", "convert", "convert-512", "loaders", "train"))
+
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def test_report_renders_the_recorded_results(tmp_path):
+    """From the committed records (H100 and this CPU): a section per machine, tables, and real PNG charts."""
+    out = tmp_path / "report.md"
+    assert report.main(["--results", str(RESULTS), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "## NVIDIA H100 80GB HBM3, 16 cores" in text and "no GPU" in text
+    assert "| dali | 8 | full size | cuda | 10,360 |" in text  # the recorded median, unchanged
+    for png in re.findall(r"\]\(([^)]+\.png)\)", text):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+
+def fake_record(directory: Path, name: str, medians: dict, date: str) -> None:
+    rows = [{"label": label, "kind": label, "workers": 2, "options": {},
+             "images_per_s": {"median": value, "min": value, "max": value, "stdev": 0, "repeats": [value]}}
+            for label, value in medians.items()]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / f"{name}.json").write_text(json.dumps({
+        "benchmark": "loaders", "date": date, "cpu": "Test CPU", "cores": 2, "gpu": None, "commit": "abc",
+        "settings": {"device": "cpu", "max_resolution": 512}, "results": rows}))
+
+
+def test_compare_gives_b_over_a_for_the_figures_both_sets_have(tmp_path, capsys):
+    fake_record(tmp_path / "a", "loaders-1", {"dali": 100.0, "ffcv": 200.0, "torchvision": 50.0}, "20260101T000000Z")
+    fake_record(tmp_path / "b", "loaders-2", {"dali": 250.0, "ffcv": 100.0}, "20260102T000000Z")
+    rows = report.compare(report.load([tmp_path / "a"]), report.load([tmp_path / "b"]))
+    assert {name.split(",")[0]: ratio for _, name, _, _, ratio in rows} == {"loader dali": 2.5, "loader ffcv": 0.5}
+    assert report.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "| 2.50 |" in capsys.readouterr().out

@@ -1,0 +1,239 @@
+"""Benchmark records -> benchmarks/report.md, with tables and PNG charts, each labelled with its hardware.
+
+    python -m benchmarks.report [--results benchmarks/results] [--out benchmarks/report.md]
+    python -m benchmarks.report --compare A B     # A, B: record files or folders; prints B / A per figure
+
+For every (benchmark, machine) the newest record is reported. Charts (matplotlib): loader images/s per loader
+and stored resolution, images/s against workers (where each loader saturates), and training real/synthetic.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from benchmarks import record
+
+
+def load(paths: list[Path]) -> list[dict]:
+    """Every benchmark record (a JSON object with a "benchmark" key) in these files or folders."""
+    records = []
+    for path in paths:
+        files = sorted(Path(path).glob("*.json")) if Path(path).is_dir() else [Path(path)]
+        for file in files:
+            data = json.loads(file.read_text())
+            if isinstance(data, dict) and "benchmark" in data:
+                records.append({**data, "_file": file.name})
+    return records
+
+
+def machine(r: dict) -> str:
+    gpu = (r.get("gpu") or "").split(",")[0]
+    return f"{gpu}, {r['cores']} cores" if gpu else f"{r['cpu']}, {r['cores']} cores, no GPU"
+
+
+def resolution(r: dict) -> str:
+    settings = r.get("settings", {})
+    value = settings.get("max_resolution")
+    if value is None:  # records written before the field: the dataset's manifest, or the GPU check's folder name
+        data = str(settings.get("data", ""))
+        manifest = Path(data) / "manifest.json"
+        if data and manifest.is_file():
+            value = json.loads(manifest.read_text())["settings"]["max_resolution"]
+        else:
+            value = 0 if data.endswith("/full") else 512 if data.endswith("r512") else None
+    return "?" if value is None else "full size" if value == 0 else f"{value} px"
+
+
+def figures(r: dict) -> dict[str, float]:
+    """A record's headline figures by a name that identifies them across runs."""
+    out = {}
+    if r["benchmark"] == "loaders":
+        for row in r["results"]:
+            out[f"loader {row['label']}, {row['workers'] or '-'} workers, {resolution(r)}"] = \
+                row["images_per_s"]["median"]
+    elif r["benchmark"] == "train_step":
+        for row in r["results"]:
+            out[f"train {row['kind']}, batch {row['batch_size']}"] = row["images_per_s"]["median"]
+    elif r["benchmark"] == "convert":
+        for workers, row in r["results"].items():
+            out[f"convert end to end per core, {workers} workers"] = row["total_images_per_s_per_core"]["median"]
+    return out
+
+
+def newest(records: list[dict]) -> dict[tuple[str, str, str], dict]:
+    """The newest record per (benchmark, machine, stored resolution and device). Loader records are merged
+    row by row: a later run that measured only some loaders replaces those rows and keeps the others."""
+    latest: dict[tuple[str, str, str], dict] = {}
+    for r in sorted(records, key=lambda r: r["date"]):
+        if r["benchmark"] != "loaders":
+            latest[(r["benchmark"], machine(r), "")] = r
+            continue
+        key = ("loaders", machine(r), f"{resolution(r)} on {r['settings'].get('device', '?')}")
+        merged = latest.get(key)
+        rows = {(row["label"], row["workers"]): row for row in (merged["results"] if merged else [])}
+        rows.update({(row["label"], row["workers"]): {**row, "_file": r["_file"], "_commit": r["commit"]}
+                     for row in r["results"]})
+        latest[key] = {**r, "results": list(rows.values())}
+    return latest
+
+
+def compare(a: list[dict], b: list[dict]) -> list[tuple[str, str, float, float, float]]:
+    """(machine, figure, A, B, B/A) for every figure both sets have, machine by machine."""
+    fa, fb = {}, {}
+    for target, records in ((fa, a), (fb, b)):
+        for r in newest(records).values():
+            for name, value in figures(r).items():
+                target[(machine(r), name)] = value
+    return [(m, name, fa[m, name], fb[m, name], fb[m, name] / fa[m, name] if fa[m, name] else float("nan"))
+            for (m, name) in sorted(fa.keys() & fb.keys())]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60]
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def chart_loaders(records: list[dict], path: Path, title: str) -> None:
+    """Best images/s per loader (over workers), one bar per stored resolution."""
+    plt = _plt()
+    best: dict[str, dict[str, float]] = {}
+    for r in records:
+        for row in r["results"]:
+            if row["kind"] == "synthetic" or row["options"]:
+                continue
+            per_kind = best.setdefault(resolution(r), {})
+            per_kind[row["kind"]] = max(per_kind.get(row["kind"], 0), row["images_per_s"]["median"])
+    kinds = sorted({k for values in best.values() for k in values})
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / max(len(best), 1)
+    for i, (res, values) in enumerate(sorted(best.items())):
+        ax.bar([x + i * width for x in range(len(kinds))], [values.get(k, 0) for k in kinds], width, label=res)
+    ax.set_xticks([x + width * (len(best) - 1) / 2 for x in range(len(kinds))], kinds)
+    ax.set_ylabel("images/s (median)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(title="stored")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def chart_scaling(r: dict, path: Path, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for kind in sorted({row["kind"] for row in r["results"] if row["kind"] != "synthetic"}):
+        rows = sorted((row["workers"], row["images_per_s"]["median"]) for row in r["results"]
+                      if row["kind"] == kind and not row["options"])
+        ax.plot([w for w, _ in rows], [v for _, v in rows], marker="o", label=kind)
+    ax.set_xlabel("CPU workers (threads or processes)")
+    ax.set_ylabel("images/s (median)")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def chart_real_vs_synthetic(r: dict, path: Path, title: str) -> None:
+    plt = _plt()
+    rows = [row for row in r["results"] if "vs_synthetic" in row]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    labels = [f"{row['kind']}\nbatch {row['batch_size']}" for row in rows]
+    ax.bar(labels, [row["vs_synthetic"] for row in rows])
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_ylabel("training images/s, real / synthetic")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render(records: list[dict], out: Path) -> str:
+    """report.md, with its PNGs in charts/ beside it; returns the markdown."""
+    charts = out.parent / "charts"
+    charts.mkdir(parents=True, exist_ok=True)
+    latest = newest(records)
+    lines = ["# Benchmark report", "", "Generated by `python -m benchmarks.report` from the records in "
+             "`benchmarks/results/`: the newest per benchmark, machine and stored resolution. Medians of repeats; "
+             "the records hold the spread, versions and settings.", ""]
+    machines = sorted({m for (_, m, _) in latest})
+    for m in machines:
+        lines += [f"## {m}", ""]
+        loader_records = [r for (b, mm, _), r in sorted(latest.items()) if b == "loaders" and mm == m]
+        gpu_loaders = [r for r in loader_records if r["settings"].get("device") != "cpu"] if "no GPU" not in m else []
+        if loader_records:
+            lines += ["### Loaders alone", "",
+                      "| loader | workers | stored | on | images/s | vs torchvision | record |",
+                      "|---|---:|---|---|---:|---:|---|"]
+            for r in loader_records:
+                for row in r["results"]:
+                    ratio = f"{row['vs_torchvision']:.2f}x" if row.get("vs_torchvision") else "-"
+                    lines.append(f"| {row['label']} | {row['workers'] or '-'} | {resolution(r)} | "
+                                 f"{r['settings'].get('device', '?')} | {row['images_per_s']['median']:,.0f} | "
+                                 f"{ratio} | {row['_file']} (commit {row['_commit']}) |")
+            png = f"charts/loaders-{slug(m)}.png"
+            chart_loaders(gpu_loaders or loader_records, out.parent / png, f"loaders alone - {m}")
+            lines += ["", f"![loader images/s on {m}]({png})", ""]
+            widest = max(loader_records, key=lambda r: len({row["workers"] for row in r["results"]}))
+            if len({row["workers"] for row in widest["results"] if row["workers"]}) > 1:
+                png = f"charts/scaling-{slug(m)}.png"
+                chart_scaling(widest, out.parent / png, f"images/s against workers ({resolution(widest)}) - {m}")
+                lines += [f"![worker scaling on {m}]({png})", ""]
+        train = latest.get(("train_step", m, ""))
+        if train:
+            lines += ["### Training: real input against synthetic", "",
+                      "| loader | batch | images/s | vs synthetic | input wait | MFU |",
+                      "|---|---:|---:|---:|---:|---:|"]
+            for row in train["results"]:
+                vs = f"{row['vs_synthetic']:.3f}" if "vs_synthetic" in row else "-"
+                mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "-"
+                lines.append(f"| {row['kind']} | {row['batch_size']} | {row['images_per_s']['median']:,.1f} | {vs} | "
+                             f"{row['input_wait']['median']:.1%} | {mfu} |")
+            png = f"charts/real-vs-synthetic-{slug(m)}.png"
+            chart_real_vs_synthetic(train, out.parent / png, f"training real / synthetic - {m}")
+            lines += ["", f"record {train['_file']} (commit {train['commit']})", "",
+                      f"![real over synthetic on {m}]({png})", ""]
+        convert = latest.get(("convert", m, ""))
+        if convert:
+            lines += ["### Converter", "", "| workers | end to end images/s per core |", "|---:|---:|"]
+            for workers, row in convert["results"].items():
+                lines.append(f"| {workers} | {row['total_images_per_s_per_core']['median']:,.0f} |")
+            lines += ["", f"record {convert['_file']} (commit {convert['commit']})", ""]
+    text = "\n".join(lines) + "\n"
+    out.write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", type=Path, default=record.RESULTS)
+    p.add_argument("--out", type=Path, default=record.RESULTS.parent / "report.md")
+    p.add_argument("--compare", type=Path, nargs=2, metavar=("A", "B"))
+    args = p.parse_args(argv)
+    if args.compare:
+        rows = compare(load([args.compare[0]]), load([args.compare[1]]))
+        if not rows:
+            print("no figure appears in both sets (same machine, same benchmark)")
+            return 1
+        print("| machine | figure | A | B | B / A |\n|---|---|---:|---:|---:|")
+        for m, name, a, b, ratio in rows:
+            print(f"| {m} | {name} | {a:,.1f} | {b:,.1f} | {ratio:.2f} |")
+        return 0
+    records = load([args.results])
+    if not records:
+        print(f"no benchmark records in {args.results}")
+        return 1
+    render(records, args.out)
+    print(f"wrote {args.out} and its charts")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
