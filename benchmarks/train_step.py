@@ -2,7 +2,7 @@
 loader, side by side in one run. real / synthetic is the number the project lives by.
 
     python -m benchmarks.train_step --data OUT [--preset vit_b16_seed] [--kinds synthetic dali ffcv torchvision]
-                                    [--batch-size 64 256] [--steps 30] [--repeats 5] [--warmup 15]
+                                    [--batch-size 64 256] [--steps 30] [--repeats 5] [--warmup 15] [--profile DIR]
 
 One model per batch size, compiled once (every loader yields the same shape and dtype, so no recompile),
 and trained in turn from each loader: `--warmup` steps outside the clock (the compile lands there), then
@@ -82,6 +82,27 @@ def measure(step: Step, loader, device: torch.device, args) -> dict:
     return {"images_per_s": summarize(rates), "input_wait": summarize(waits)}
 
 
+def profile(step: Step, loader, device: torch.device, directory: Path, name: str, steps: int = 5) -> Path:
+    """A torch profiler trace (Chrome format, open in chrome://tracing or Perfetto) of a few training steps,
+    with the wait for each batch marked, so that a stall can be put down to the input or to the model."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    batches = _epoch(loader, 0)
+    train_step(step, *next(batches))  # out of the trace: the first batch of an epoch waits for the pipeline
+    with torch_profile(activities=activities) as trace:
+        for _ in range(steps):
+            with record_function("input: next batch"):
+                batch = next(batches)
+            with record_function("train step"):
+                train_step(step, *batch)
+        sync(device)
+    batches.close()
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"trace-{name}.json"
+    trace.export_chrome_trace(str(path))
+    return path
+
+
 def _epoch(loader, epoch: int):
     loader.set_epoch(epoch)
     yield from loader
@@ -102,6 +123,7 @@ def parse_args(argv):
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="for MFU (default: 989 on H100/H200)")
     p.add_argument("--results", type=Path, default=record.RESULTS)
+    p.add_argument("--profile", type=Path, metavar="DIR", help="also write a profiler trace per loader into DIR")
     return p.parse_args(argv)
 
 
@@ -137,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"[yellow]skipped {kind}: {e}[/yellow]")
                 continue
             result = measure(step, loader, device, args)
+            if args.profile:
+                trace = profile(step, loader, device, args.profile, f"{kind}-batch{batch_size}")
+                result["profile"] = str(trace)
+                console.print(f"[dim]profile: {trace}[/dim]")
             rate = result["images_per_s"]["median"]
             rows.append({"kind": kind, "batch_size": batch_size, **result, "train_flops_per_image": flops,
                          "mfu": rate * flops / (peak * 1e12) if peak else None})

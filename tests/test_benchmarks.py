@@ -38,7 +38,10 @@ def test_loader_benchmark_records_medians_and_ratios(converted, tmp_path):
 def test_train_step_benchmark_reports_real_over_synthetic(converted, tmp_path):
     assert train_step.main(["--data", str(converted[0]), "--preset", "tiny_cpu", "--kinds", "synthetic", "torchvision",
                             "--batch-size", "8", "--steps", "2", "--repeats", "2", "--warmup", "1", "--workers", "1",
-                            "--device", "cpu", "--results", str(tmp_path)]) == 0
+                            "--device", "cpu", "--results", str(tmp_path), "--profile", str(tmp_path / "prof")]) == 0
+    trace = json.loads((tmp_path / "prof" / "trace-torchvision-batch8.json").read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert {"input: next batch", "train step"} <= names  # the stall can be put down to one or the other
     r = record(tmp_path, "train_step")
     rows = {row["kind"]: row for row in r["results"]}
     assert rows["synthetic"]["vs_synthetic"] == 1.0
