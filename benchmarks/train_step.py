@@ -14,7 +14,6 @@ the GPU is an H100 or H200; none on other devices). Writes benchmarks/results/tr
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import record
+from benchmarks.loaders import endless, sync
 from benchmarks.record import summarize, write_record
 from pipelines import KINDS, build_loader
 from pipelines.contract import LoaderUnavailable
@@ -55,13 +55,8 @@ def default_peak(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(step: Step, loader, device: torch.device, args) -> dict:
-    batches = (batch for epoch in itertools.count() for batch in _epoch(loader, epoch))
+    batches = endless(loader)
     for _ in range(args.warmup):
         train_step(step, *next(batches))
     rates, waits = [], []
@@ -87,7 +82,7 @@ def profile(step: Step, loader, device: torch.device, directory: Path, name: str
     with the wait for each batch marked, so that a stall can be put down to the input or to the model."""
     from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    batches = _epoch(loader, 0)
+    batches = endless(loader)
     train_step(step, *next(batches))  # out of the trace: the first batch of an epoch waits for the pipeline
     with torch_profile(activities=activities) as trace:
         for _ in range(steps):
@@ -101,11 +96,6 @@ def profile(step: Step, loader, device: torch.device, directory: Path, name: str
     path = directory / f"trace-{name}.json"
     trace.export_chrome_trace(str(path))
     return path
-
-
-def _epoch(loader, epoch: int):
-    loader.set_epoch(epoch)
-    yield from loader
 
 
 def parse_args(argv):

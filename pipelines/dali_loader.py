@@ -14,6 +14,7 @@ sample counts exactly once across ranks; one pipeline serves every evaluation.
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -43,7 +44,7 @@ class DaliLoader:
         self.dtype, self.where = dtype, where
         self.epoch = 0
         self._iterator = None
-        self._next_epoch = None  # the epoch the running pipeline produces next
+        self._at_epoch_start = False  # eval: the running pipeline was read to its end and reset
 
     def __len__(self) -> int:
         return self.batches
@@ -57,50 +58,36 @@ class DaliLoader:
 
         from .dali_pipeline import READER
         self._iterator = None  # frees the previous pipeline's buffers first
-        with self._errors():
+        with dali_errors(self.where):
             self._iterator = DALIGenericIterator(
                 self.make_pipeline(epoch), ["images", "labels"], reader_name=READER,
                 last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
-        self._next_epoch = epoch
-
-    def _errors(self):
-        return _DaliErrors(self.where)
 
     def __iter__(self):
         if self.batches == 0:  # this rank's share is smaller than a batch (DALI would report an empty pipeline)
             return
-        epoch = self.epoch if self.train else 0  # eval has no randomness: one pipeline serves every epoch
-        if self.train or self._iterator is None or self._next_epoch != epoch:
-            self._start(epoch)
-        iterator, finished = self._iterator, False
-        self._next_epoch = None  # until this epoch is read to its end, the pipeline is mid-epoch
-        try:
-            with self._errors():
-                for step, (out,) in enumerate(iterator):
-                    if step == self.batches:  # a rank whose shard is one sample longer: skip its extra batch
-                        continue
-                    images = out["images"].permute(0, 3, 1, 2)  # NHWC memory, NCHW shape: channels_last
-                    yield images.to(self.dtype), out["labels"].squeeze(1).long()
-                finished = True
-        finally:
-            if finished:
-                iterator.reset()
-                self._next_epoch = epoch + 1 if self.train else 0
+        # Train: a fresh pipeline per epoch (module docstring). Eval has no randomness: one pipeline serves every
+        # evaluation, unless the last one was left mid-epoch.
+        if self.train or not self._at_epoch_start:
+            self._start(self.epoch if self.train else 0)
+        iterator, self._at_epoch_start = self._iterator, False
+        with dali_errors(self.where):
+            for step, (out,) in enumerate(iterator):
+                if step == self.batches:  # a rank whose shard is one sample longer: skip its extra batch
+                    continue
+                images = out["images"].permute(0, 3, 1, 2)  # NHWC memory, NCHW shape: channels_last
+                yield images.to(self.dtype), out["labels"].squeeze(1).long()
+        iterator.reset()
+        self._at_epoch_start = True
 
 
-class _DaliErrors:
+@contextmanager
+def dali_errors(where: str):
     """DALI reports a damaged shard or index as a RuntimeError deep in its threads; say which data and the fix."""
-
-    def __init__(self, where: str):
-        self.where = where
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if isinstance(error, RuntimeError):
-            raise DatasetError(f"DALI could not read {self.where}: {dali_reason(str(error))}\n  {RECONVERT}") from error
-        return False
+    try:
+        yield
+    except RuntimeError as error:
+        raise DatasetError(f"DALI could not read {where}: {dali_reason(str(error))}\n  {RECONVERT}") from error
 
 
 def dali_reason(message: str) -> str:
