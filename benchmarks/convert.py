@@ -36,13 +36,13 @@ def run(sample: Path, workers: int, scratch: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("TQDM_DISABLE", "1")  # FFCV's writer draws a tqdm bar per .beton
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--workers", type=int, nargs="+", default=sorted({1, os.cpu_count() or 1}))
     p.add_argument("--sample", type=Path, help="an existing sample tree (default: generate one)")
     p.add_argument("--classes", type=int, default=10, help="classes of the generated tree (default: %(default)s)")
     p.add_argument("--per-class", type=int, default=60, help="train images per class (default: %(default)s)")
+    p.add_argument("--results", type=Path, default=None, help="where the record goes (default: benchmarks/results)")
     args = p.parse_args(argv)
     console = Console()
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     sample_desc = str(args.sample) if args.sample else \
         f"generated: {args.classes} classes x ({args.per_class} train + 10 val)"
     path = write_record("convert", {"settings": settings, "sample": sample_desc,
-                                    "goal_images_per_s_per_core": GOAL_PER_CORE, "results": results})
+                                    "goal_images_per_s_per_core": GOAL_PER_CORE, "results": results},
+                        args.results)
     table = Table(title=f"converter images/s per core (median of {args.repeats}); goal {GOAL_PER_CORE}")
     for column in ("workers", "images", "shards (decode once)", "betons (no decode)", "end to end"):
         table.add_column(column, justify="right")

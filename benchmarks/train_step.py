@@ -14,6 +14,7 @@ the GPU is an H100 or H200; none on other devices). Writes benchmarks/results/tr
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import record
+from benchmarks import goals, record
 from benchmarks.loaders import endless, sync
 from benchmarks.record import summarize, write_record
 from pipelines import KINDS, build_loader
@@ -33,7 +34,8 @@ from training.model import create_model
 from training.optim import build_optimizer, build_scheduler
 from training.run import DTYPES, autocast_factory
 
-GOALS = {"synthetic_images_per_s_h100": 3500, "dali_vs_synthetic": 0.97, "ffcv_vs_synthetic": 0.95}
+GOALS = {"synthetic_images_per_s_h100": goals.SYNTHETIC,
+         **{f"{kind}_vs_synthetic": target for kind, target in goals.VS_SYNTHETIC.items()}}
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 with fp32 accumulate, SXM
 
 
@@ -77,25 +79,34 @@ def measure(step: Step, loader, device: torch.device, args) -> dict:
     return {"images_per_s": summarize(rates), "input_wait": summarize(waits)}
 
 
-def profile(step: Step, loader, device: torch.device, directory: Path, name: str, steps: int = 5) -> Path:
+def profile(step: Step, loader, device: torch.device, directory: Path, name: str, steps: int = 5) -> dict:
     """A torch profiler trace (Chrome format, open in chrome://tracing or Perfetto) of a few training steps,
-    with the wait for each batch marked, so that a stall can be put down to the input or to the model."""
+    with the wait for each batch marked, so that a stall can be put down to the input or to the model.
+    Here, unlike the timed windows, the device is synchronized after every step, so that the two ranges are
+    wall times: `input_ms` is what the step waited for its batch, `step_ms` what the model took. A loader that
+    competes for the GPU or the cores shows as a `step_ms` above synthetic input's."""
     from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     batches = endless(loader)
     train_step(step, *next(batches))  # out of the trace: the first batch of an epoch waits for the pipeline
+    sync(device)
+    waits, steps_ms = [], []
     with torch_profile(activities=activities) as trace:
         for _ in range(steps):
+            t0 = time.perf_counter()
             with record_function("input: next batch"):
                 batch = next(batches)
+            t1 = time.perf_counter()
             with record_function("train step"):
                 train_step(step, *batch)
-        sync(device)
+                sync(device)
+            waits.append((t1 - t0) * 1e3)
+            steps_ms.append((time.perf_counter() - t1) * 1e3)
     batches.close()
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"trace-{name}.json"
     trace.export_chrome_trace(str(path))
-    return path
+    return {"trace": str(path), "input_ms": statistics.median(waits), "step_ms": statistics.median(steps_ms)}
 
 
 def parse_args(argv):
@@ -150,9 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             result = measure(step, loader, device, args)
             if args.profile:
-                trace = profile(step, loader, device, args.profile, f"{kind}-batch{batch_size}")
-                result["profile"] = str(trace)
-                console.print(f"[dim]profile: {trace}[/dim]")
+                result["profile"] = profile(step, loader, device, args.profile, f"{kind}-batch{batch_size}")
+                console.print(f"[dim]profile: {result['profile']}[/dim]")
             rate = result["images_per_s"]["median"]
             rows.append({"kind": kind, "batch_size": batch_size, **result, "train_flops_per_image": flops,
                          "mfu": rate * flops / (peak * 1e12) if peak else None})

@@ -3,11 +3,13 @@ import json
 import os
 import re
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
-from benchmarks import loaders, report, train_step
+from benchmarks import goals, loaders, report, run, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,10 +52,11 @@ def test_train_step_benchmark_reports_real_over_synthetic(converted, tmp_path):
     # the tiny ViT (4 blocks, 64 tokens of 192 dims) costs tens of MFLOP per image, forward and backward
     assert 1e6 < rows["synthetic"]["train_flops_per_image"] < 1e9
     assert rows["synthetic"]["mfu"] is None  # no stated peak on a CPU: no MFU rather than a made-up one
+    assert rows["torchvision"]["profile"]["input_ms"] >= 0 and rows["torchvision"]["profile"]["step_ms"] > 0
 
 
 def test_gpu_check_dry_run(tmp_path):
-    """benchmarks/gpu_check.sh --dry-run: the same script with tiny sizes on the CPU (GPU tests skip)."""
+    """benchmarks/gpu_check.sh --dry-run: the same script, running the gpu suite's --dry-run on the CPU."""
     env = {**os.environ, "GPU_CHECK_WORK": str(tmp_path / "work"), "PYTHON": str(ROOT / ".venv/bin/python")}
     if not Path(env["PYTHON"]).exists():
         env["PYTHON"] = "python3"
@@ -62,11 +65,47 @@ def test_gpu_check_dry_run(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "all steps passed" in done.stdout and "| torchvision |" in done.stdout
     names = {p.name for p in (tmp_path / "results").iterdir()}
-    assert {"environment.txt", "steps.log"} <= names and len(names) <= 8  # what comes back from the GPU machine
-    assert any(n.startswith("loaders-") and n.endswith(".json") for n in names)
-    assert any(n.startswith("train_step-") and n.endswith(".json") for n in names)
+    assert names == {"environment.txt", "steps.log", "records.tar"}  # the GPU machine returns at most 8 files
+    with tarfile.open(tmp_path / "results" / "records.tar") as tar:
+        records = [n for n in tar.getnames() if n.endswith(".json")]
+    assert {n.split("/")[-1].split("-")[0] for n in records} == {"loaders", "train_step", "convert"}
     log = (tmp_path / "results" / "steps.log").read_text()
-    assert all(f"== {step}:" in log for step in ("gpu-tests", "sample", "convert", "convert-512", "loaders", "train"))
+    assert all(f"== {step}:" in log for step in ("data", "train", "loaders", "scaling", "tests", "convert"))
+
+
+def test_gpu_check_reports_what_the_budget_left_out(tmp_path):
+    """A part that would start after the 8-minute budget is named as not run, and the script fails."""
+    env = {**os.environ, "GPU_CHECK_WORK": str(tmp_path / "work"), "GPU_CHECK_BUDGET_S": "0",
+           "PYTHON": str(ROOT / ".venv/bin/python")}
+    done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--dry-run", str(tmp_path / "results")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert "== train: not run, out of time" in done.stdout and "FAILED or not run: data train" in done.stdout
+
+
+def test_cpu_suite_then_report(tmp_path):
+    """`benchmarks.run --suite cpu` (dry-run sizes) writes every part's records; the report renders them with
+    its goals section, and a loader record per stored resolution (256, 512, full size)."""
+    results = tmp_path / "results"
+    assert run.main(["--suite", "cpu", "--dry-run", "--results", str(results), "--work", str(tmp_path / "w")]) == 0
+    records = report.load([results])
+    assert sorted({r["benchmark"] for r in records}) == ["convert", "loaders", "train_step"]
+    loader_records = [r for r in records if r["benchmark"] == "loaders"]
+    assert sorted(report.resolution(r) for r in loader_records) == ["256 px", "512 px", "512 px", "full size"]
+    scaling = max(loader_records, key=lambda r: len(r["results"]))
+    assert {row["workers"] for row in scaling["results"] if row["kind"] == "torchvision"} == {1, 2}
+    assert all(r["decode_ceiling"]["images_per_s_per_core"]["median"] > 0 for r in loader_records)
+    train = next(r for r in records if r["benchmark"] == "train_step")
+    assert all(row["profile"]["step_ms"] > 0 for row in train["results"])
+    text = report.render(records, tmp_path / "report.md")
+    assert "### Goals" in text and "over torchvision, 2 workers, 512 px | 2.5x" in text
+
+
+def test_gpu_suite_refuses_without_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert run.main(["--suite", "gpu"]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().out
 
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -100,3 +139,53 @@ def test_compare_gives_b_over_a_for_the_figures_both_sets_have(tmp_path, capsys)
     assert {name.split(",")[0]: ratio for _, name, _, _, ratio in rows} == {"loader dali": 2.5, "loader ffcv": 0.5}
     assert report.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     assert "| 2.50 |" in capsys.readouterr().out
+
+
+def h100_train_record(rows: dict) -> dict:
+    """A training record on an H100: kind -> (images/s, input_ms, step_ms) at batch 256."""
+    base = rows["synthetic"][0]
+    return {"benchmark": "train_step", "gpu": "NVIDIA H100 80GB HBM3, 580.1", "results": [
+        {"kind": kind, "batch_size": 256, "images_per_s": {"median": rate}, "input_wait": {"median": 0.0},
+         "vs_synthetic": rate / base, "mfu": 0.3, "profile": {"input_ms": wait, "step_ms": step}}
+        for kind, (rate, wait, step) in rows.items()]}
+
+
+def test_goals_say_by_how_much_and_what_the_profile_blames():
+    r = h100_train_record({"synthetic": (3000.0, 0.1, 80.0), "dali": (2940.0, 0.2, 81.0),
+                           "ffcv": (2400.0, 20.0, 82.0)})
+    verdicts = {v.goal: v for v in goals.train_verdicts(r)}
+    synthetic = verdicts["training from synthetic input, batch 256"]
+    assert not synthetic.met and synthetic.short_by.startswith("14% (500 images/s)") and "MFU 30%" in synthetic.blame
+    assert verdicts["training from dali over synthetic, batch 256"].met  # 0.98 >= 0.97
+    ffcv = verdicts["training from ffcv over synthetic, batch 256"]
+    assert not ffcv.met and ffcv.short_by.startswith("16%") and ffcv.blame.startswith("input: each step waits 20.0 ms")
+    slow_step = h100_train_record({"synthetic": (3000.0, 0.1, 80.0), "dali": (2700.0, 0.5, 89.0)})
+    (dali,) = [v for v in goals.train_verdicts(slow_step) if "dali" in v.goal]
+    assert dali.blame.startswith("contention: the model step takes 9.0 ms longer")
+    assert goals.train_verdicts({**r, "gpu": None}) == []  # the H100 goals do not apply on a CPU
+
+
+def test_cpu_loader_goal_blames_the_decode_ceiling():
+    rows = [{"kind": k, "label": k, "workers": 2, "options": {}, "images_per_s": {"median": v}}
+            for k, v in (("dali", 300.0), ("ffcv", 320.0), ("torchvision", 240.0))]
+    r = {"results": rows, "decode_ceiling": {"images_per_s_per_core": {"median": 150.0}}}
+    dali, ffcv = goals.loader_verdicts(r, on_gpu=False, resolution="512 px")
+    assert dali.measured == "1.25x" and not dali.met and dali.short_by.startswith("50%")
+    # torchvision decodes at 240 / (2 x 150) = 80 % of the ceiling, so 2.5x it would be 200 % of the ceiling
+    assert "torchvision runs at 80% of 2 cores' worth and dali at 100%" in dali.blame
+    assert "2.5x torchvision would be 200% of what the cores can decode" in dali.blame
+    assert ffcv.measured == "1.33x"
+
+
+def test_readme_block_is_filled_and_refilled(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n## Results\n\n{report.README_START}\nstale\n{report.README_END}\n\n## After\n")
+    out = tmp_path / "benchmarks" / "report.md"
+    out.parent.mkdir()
+    for _ in range(2):  # a second run replaces the block rather than adding to it
+        assert report.main(["--results", str(RESULTS), "--out", str(out), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "stale" not in text and text.count(report.README_START) == 1 and text.endswith("## After\n")
+    assert "### NVIDIA H100 80GB HBM3, 16 cores" in text and "#### Loaders alone" in text
+    for png in re.findall(r"\]\(([^)]+\.png)\)", text):
+        assert png.startswith("benchmarks/charts/") and (tmp_path / png).is_file(), png
