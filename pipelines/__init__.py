@@ -2,7 +2,8 @@
 
 Kinds: `dali` (decode and augment on the GPU), `ffcv` (libjpeg-turbo on CPU threads, normalize on the GPU),
 `torchvision` (the baseline a user would write) and `synthetic` (the upper bound). `options` holds a kind's
-speed knobs (README, "Loaders"); an unknown one is an error. `pipelines.formats` holds the on-disk formats
+speed knobs (README, "Loaders"); an unknown one is an error. `views=2` yields two augmented views per sample
+for self-supervised pre-training (contract.py). `pipelines.formats` holds the on-disk formats
 the converter writes and the loaders read.
 
 Imports are lazy: the converter's tools import `pipelines.formats`, and importing torch here would add ~5 s
@@ -26,11 +27,15 @@ KINDS = {"dali": "dali_loader", "ffcv": "ffcv_loader", "torchvision": "torchvisi
 def build_loader(kind: str, data: Path | str, split: str, *, batch_size: int, image_size: int, train: bool,
                  device: torch.device | str, dtype: torch.dtype | None = None, rank: int = 0,
                  world_size: int = 1, seed: int = 0, workers: int | None = None,
-                 options: dict | None = None) -> Loader:
+                 options: dict | None = None, views: int = 1) -> Loader:
     if kind not in KINDS:
         raise ValueError(f"unknown loader '{kind}'; choose from {', '.join(KINDS)}")
     import torch
+
+    from .contract import check_views
+    check_views(views, train)
     module = importlib.import_module(f".{KINDS[kind]}", __name__)
     return module.build(Path(data), split, batch_size=batch_size, image_size=image_size, train=train,
                         device=torch.device(device), dtype=dtype or torch.float32, rank=rank,
-                        world_size=world_size, seed=seed, workers=workers, options=options)
+                        world_size=world_size, seed=seed, workers=workers, options=options,
+                        views=views)

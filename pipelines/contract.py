@@ -8,6 +8,14 @@
 
 Train: random-resized-crop with torchvision's ranges, then a horizontal flip with p = 0.5.
 Eval: resize the shorter side to image_size / 0.875, then center-crop; every sample once per epoch across ranks.
+
+Two views (`views=2`, train only), for self-supervised pre-training (SimCLR, MoCo v3): iterating yields
+`(views, labels)`, where `views` is a tuple of 2 image tensors, each one under the image contract above, that
+are two independently augmented views of the same B samples, in the order of `labels`. Each view gets the
+SimCLR augmentation (the SSL_* constants below): random-resized-crop, flip, colour jitter (p = 0.8),
+grayscale (p = 0.2), Gaussian blur (p = 0.5), then normalization. `len()`, `set_epoch`, the ranks' shares and
+the per-(seed, epoch) reproducibility are those of `views=1`. `views=1` yields `(images, labels)` as above;
+any other count, or `views=2` with train=False, is a ValueError (check_views).
 """
 from __future__ import annotations
 
@@ -24,9 +32,21 @@ CROP_SCALE = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 EVAL_CROP_FRACTION = 0.875  # eval resizes the shorter side to image_size / 0.875 (256 for 224), then crops
 
+# The two-view augmentation: SimCLR's (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual
+# Representations", appendix A) with MoCo v3's colour-jitter strengths (Chen et al. 2021, "An Empirical Study of
+# Training Self-Supervised Vision Transformers"; SimCLR's are 0.8, 0.8, 0.8, 0.2). The crop is CROP_SCALE and
+# CROP_RATIO, as in supervised training.
+SSL_FLIP_P = 0.5
+SSL_JITTER_P = 0.8
+SSL_BRIGHTNESS, SSL_CONTRAST, SSL_SATURATION, SSL_HUE = 0.4, 0.4, 0.2, 0.1  # torchvision's ColorJitter units
+SSL_GRAY_P = 0.2
+SSL_BLUR_P = 0.5
+SSL_BLUR_SIGMA = (0.1, 2.0)  # pixels, drawn uniformly per view
+VIEWS = (1, 2)
+
 
 class Loader(Protocol):
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+    def __iter__(self) -> Iterator[tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]]: ...
     def __len__(self) -> int: ...
     def set_epoch(self, epoch: int) -> None: ...
 
@@ -87,11 +107,25 @@ def eval_resize(image_size: int) -> int:
     return round(image_size / EVAL_CROP_FRACTION)
 
 
+def check_views(views: int, train: bool) -> None:
+    if views not in VIEWS:
+        raise ValueError(f"views must be 1 (supervised) or 2 (two augmented views for self-supervised "
+                         f"pre-training), got {views!r}")
+    if views == 2 and not train:
+        raise ValueError("views=2 is for training (train=True): eval reads one center crop per sample")
+
+
+def blur_kernel_size(image_size: int) -> int:
+    """SimCLR blurs with a kernel 10 % of the image side, odd so that it has a center: 23 for 224 px."""
+    return int(0.1 * image_size) // 2 * 2 + 1
+
+
 def normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 B x 3 x H x W (on the device already) -> normalized `dtype`, channels_last. Done on the device:
-    the host copies a quarter of the bytes (uint8, not float32)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * 255
+    """uint8 (0-255) or float (0-1) B x 3 x H x W (on the device already) -> normalized `dtype`, channels_last.
+    Done on the device: the host copies a quarter of the bytes (uint8, not float32)."""
+    scale = 255 if images.dtype == torch.uint8 else 1
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1) * scale
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * scale
     out = (images.float() - mean) / std
     return out.to(dtype).contiguous(memory_format=torch.channels_last)
 
@@ -120,3 +154,10 @@ def check_batch(images: torch.Tensor, labels: torch.Tensor, *, image_size: int, 
     assert int(labels.min()) >= 0 and int(labels.max()) < num_classes, "label out of range"
     mean = images.float().mean(dim=(0, 2, 3))
     assert mean.abs().max() < 2.5, f"channel means {mean.tolist()}: not normalized?"
+
+
+def check_views_batch(views, labels: torch.Tensor, **contract) -> None:
+    """check_batch for a two-view batch: a tuple of 2 image tensors, each under the contract, one label each."""
+    assert isinstance(views, tuple) and len(views) == 2, f"expected a tuple of 2 views, got {type(views).__name__}"
+    for images in views:
+        check_batch(images, labels, **contract)

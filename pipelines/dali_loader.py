@@ -39,8 +39,9 @@ def shard_size(samples: int, shard_id: int, num_shards: int) -> int:
 
 class DaliLoader:
     def __init__(self, make_pipeline: Callable[[int], object], *, batches: int, train: bool, dtype: torch.dtype,
-                 where: str):
+                 where: str, views: int = 1):
         self.make_pipeline, self.batches, self.train = make_pipeline, batches, train
+        self.image_outputs = ["images"] if views == 1 else [f"view{v}" for v in range(views)]  # pipeline outputs
         self.dtype, self.where = dtype, where
         self.epoch = 0
         self._iterator = None
@@ -60,7 +61,7 @@ class DaliLoader:
         self._iterator = None  # frees the previous pipeline's buffers first
         with dali_errors(self.where):
             self._iterator = DALIGenericIterator(
-                self.make_pipeline(epoch), ["images", "labels"], reader_name=READER,
+                self.make_pipeline(epoch), [*self.image_outputs, "labels"], reader_name=READER,
                 last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
 
     def __iter__(self):
@@ -75,8 +76,9 @@ class DaliLoader:
             for step, (out,) in enumerate(iterator):
                 if step == self.batches:  # a rank whose shard is one sample longer: skip its extra batch
                     continue
-                images = out["images"].permute(0, 3, 1, 2)  # NHWC memory, NCHW shape: channels_last
-                yield images.to(self.dtype), out["labels"].squeeze(1).long()
+                # NHWC memory, NCHW shape: channels_last
+                images = tuple(out[name].permute(0, 3, 1, 2).to(self.dtype) for name in self.image_outputs)
+                yield images[0] if len(images) == 1 else images, out["labels"].squeeze(1).long()
         iterator.reset()
         self._at_epoch_start = True
 
@@ -101,9 +103,9 @@ def dali_reason(message: str) -> str:
 
 def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bool, device: torch.device,
           dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None,
-          options: dict | None = None) -> DaliLoader:
+          options: dict | None = None, views: int = 1) -> DaliLoader:
     require("nvidia.dali", "dali", "dali")
-    from .dali_pipeline import DaliOptions, eval_pipeline, train_pipeline
+    from .dali_pipeline import DaliOptions, eval_pipeline, train_pipeline, two_view_pipeline
     opts = parse_options(DaliOptions, "dali", options)
     manifest = load_manifest(data)
     shards = dali_shards(data, manifest, split)
@@ -116,7 +118,7 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
     max_side = manifest["settings"]["max_resolution"]
     preallocate = opts.preallocate_side or (max_side if max_side else FULL_SIZE_SIDE)
     threads = default_workers(world_size) if workers is None else max(1, workers)  # 0: DALI needs a thread
-    definition = train_pipeline if train else eval_pipeline
+    definition = two_view_pipeline if views == 2 else train_pipeline if train else eval_pipeline
 
     def make_pipeline(epoch: int):
         pipeline = definition(
@@ -131,4 +133,5 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
     # Train: every rank runs as many steps as the smallest shard allows; eval: this rank's shard, padded.
     per_rank = samples // world_size if train else shard_size(samples, rank, world_size)
     return DaliLoader(make_pipeline, batches=batches_per_epoch(per_rank, batch_size, train), train=train,
-                      dtype=dtype, where=f"split '{split}' of {data} ({len(shards)} shards in {shards[0][0].parent})")
+                      dtype=dtype, where=f"split '{split}' of {data} ({len(shards)} shards in {shards[0][0].parent})",
+                      views=views)

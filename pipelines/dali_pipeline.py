@@ -3,6 +3,9 @@ EfficientNet example does. Every random operator draws from the pipeline's seed 
 
 The same definition runs on the GPU (decode on `mixed`: nvJPEG plus the H100's hardware JPEG decoder; resize,
 flip and normalize on `gpu`) and, with `device_id=None`, on CPU operators, so the tests run the real graph.
+
+`two_view_pipeline` (views=2) decodes each image once, in full, and cuts two SimCLR views from it, each with its
+own random operators (`_simclr_view`); the second output is the second view.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ from pathlib import Path
 
 from nvidia.dali import fn, pipeline_def, types
 
-from .contract import CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, eval_resize
+from .contract import (CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, SSL_BLUR_P, SSL_BLUR_SIGMA, SSL_BRIGHTNESS,
+                       SSL_CONTRAST, SSL_FLIP_P, SSL_GRAY_P, SSL_HUE, SSL_JITTER_P, SSL_SATURATION, blur_kernel_size,
+                       eval_resize)
 
 READER = "reader"  # the reader's name: the iterator asks it for the epoch size and shard padding
 
@@ -89,3 +94,39 @@ def eval_pipeline(shards, *, image_size: int, gpu: bool, half: bool, shard_id: i
                        interp_type=types.INTERP_LINEAR, antialias=True)
     images = _normalize(images, gpu=gpu, half=half, crop=image_size)
     return images, labels.gpu() if gpu else labels
+
+
+@pipeline_def(enable_conditionals=True)  # the blur runs only on the views that draw it (an `if` per sample)
+def two_view_pipeline(shards, *, image_size: int, gpu: bool, half: bool, shard_id: int, num_shards: int,
+                      options: DaliOptions, preallocate_side: int):
+    """Two SimCLR views per sample. The image is decoded once, whole: image_random_crop's fused decode would
+    decode it twice, once per crop."""
+    jpegs, labels = _read(shards, train=True, shard_id=shard_id, num_shards=num_shards, options=options)
+    images = fn.decoders.image(jpegs, output_type=types.RGB, **_decoder_args(gpu, options, preallocate_side))
+    first, second = (_simclr_view(images, image_size=image_size, gpu=gpu, half=half) for _ in range(2))
+    return first, second, labels.gpu() if gpu else labels
+
+
+def _simclr_view(images, *, image_size: int, gpu: bool, half: bool):
+    """One view (contract.SSL_*): random-resized-crop, colour jitter (p 0.8), grayscale (p 0.2), blur (p 0.5),
+    then flip (p 0.5) and normalize in one operator; the flip commutes with the rest (pointwise colour and a
+    symmetric blur). Every random draw is per sample. A skipped jitter or grayscale is color_twist with
+    parameters that change nothing (factors 1, hue 0): one operator instead of a branch per operation."""
+    device = "gpu" if gpu else "cpu"
+    view = fn.random_resized_crop(images, device=device, size=(image_size, image_size), random_area=list(CROP_SCALE),
+                                  random_aspect_ratio=list(CROP_RATIO), num_attempts=10,
+                                  interp_type=types.INTERP_LINEAR, antialias=True)
+    jitter = fn.random.coin_flip(probability=SSL_JITTER_P, dtype=types.INT32)  # 0 or 1: a factor below
+    keep_colour = 1 - fn.random.coin_flip(probability=SSL_GRAY_P, dtype=types.INT32)
+
+    def factor(strength: float):  # torchvision's ColorJitter: uniform in [1 - s, 1 + s], 1 when not jittered
+        return 1 + jitter * fn.random.uniform(range=[-strength, strength])
+    # DALI's hue is in degrees, torchvision's in turns (0.1 = 36 degrees). DALI's contrast scales around mid-grey,
+    # torchvision's around the image's mean grey: the same spread of factors, a slightly different centre.
+    view = fn.color_twist(view, device=device, brightness=factor(SSL_BRIGHTNESS), contrast=factor(SSL_CONTRAST),
+                          saturation=factor(SSL_SATURATION) * keep_colour,  # saturation 0 is grayscale
+                          hue=jitter * fn.random.uniform(range=[-360 * SSL_HUE, 360 * SSL_HUE]))
+    if fn.random.coin_flip(probability=SSL_BLUR_P):
+        view = fn.gaussian_blur(view, device=device, window_size=blur_kernel_size(image_size),
+                                sigma=fn.random.uniform(range=list(SSL_BLUR_SIGMA)))
+    return _normalize(view, gpu=gpu, half=half, mirror=fn.random.coin_flip(probability=SSL_FLIP_P))

@@ -14,6 +14,10 @@ the same samples as under every other loader, with or without a process group. `
 "quasi_random"}` selects FFCV's page-aware shuffle instead, for a .beton larger than RAM (with `os_cache`
 False); under several ranks that one needs torch.distributed initialized (torchrun), as FFCV's
 `distributed=True` asks.
+
+Two views (views=2): a second output decodes the same image field again with its own random-resized-crop and
+flip (a `PipelineSpec` whose source is "image"); the colour jitter, grayscale and blur, which FFCV does not
+have, run in torch on the device on each view (device_augment.py), before the normalization.
 """
 from __future__ import annotations
 
@@ -56,8 +60,9 @@ class RankOrder:
 
 
 class FfcvLoader:
-    def __init__(self, loader, *, dtype: torch.dtype, where: str):
+    def __init__(self, loader, *, dtype: torch.dtype, where: str, augment: torch.nn.Module | None = None):
         self.loader, self.dtype, self.where = loader, dtype, where
+        self.augment = augment  # views=2: device_augment.ColourAugment, run on each view
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -69,10 +74,15 @@ class FfcvLoader:
     def __iter__(self):
         self.loader.next_epoch = self.epoch  # FFCV would move on by itself; every loader repeats until set_epoch
         try:
-            for images, labels in self.loader:
+            for images, labels, *second_view in self.loader:
                 # FFCV reuses its output buffers batches_ahead batches later: normalize makes new images, and
                 # the labels are copied, so a batch the trainer keeps stays intact.
-                yield normalize(images, self.dtype), labels.to(torch.int64, copy=True)
+                labels = labels.to(torch.int64, copy=True)
+                if not second_view:
+                    yield normalize(images, self.dtype), labels
+                else:  # uint8 -> [0, 1] float, colour-augmented, normalized: new tensors as well
+                    yield tuple(normalize(self.augment(view.float().div_(255)), self.dtype)
+                                for view in (images, *second_view)), labels
         except (ValueError, RuntimeError, OSError) as e:
             raise DatasetError(f"FFCV could not read {self.where}: {e}; {RECONVERT}") from e
 
@@ -86,11 +96,12 @@ def _register_rank_order() -> None:
 
 def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bool, device: torch.device,
           dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None,
-          options: dict | None = None) -> FfcvLoader:
+          options: dict | None = None, views: int = 1) -> FfcvLoader:
     require("ffcv", "ffcv", "ffcv")
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline import PipelineSpec
     from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
     opts = parse_options(FfcvOptions, "ffcv", options)
     if opts.order not in ("random", "quasi_random"):
@@ -101,13 +112,24 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
     samples = split_info(data, manifest, split)["samples"]
 
     size = (image_size, image_size)
-    if train:
-        image = [RandomResizedCropRGBImageDecoder(size, scale=CROP_SCALE, ratio=CROP_RATIO), RandomHorizontalFlip()]
-    else:  # the center square of side 0.875 x the shorter side, resized: torchvision's Resize + CenterCrop
-        image = [CenterCropRGBImageDecoder(size, ratio=EVAL_CROP_FRACTION)]
     on_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []  # FFCV's CPU path skips it
-    image += [ToTensor(), *on_device, ToTorchImage(channels_last=True)]
+
+    def image_pipeline():  # a new list of new operations per output: FFCV compiles each one into its output
+        if train:
+            image = [RandomResizedCropRGBImageDecoder(size, scale=CROP_SCALE, ratio=CROP_RATIO),
+                     RandomHorizontalFlip()]
+        else:  # the center square of side 0.875 x the shorter side, resized: torchvision's Resize + CenterCrop
+            image = [CenterCropRGBImageDecoder(size, ratio=EVAL_CROP_FRACTION)]
+        return image + [ToTensor(), *on_device, ToTorchImage(channels_last=True)]
+
     label = [IntDecoder(), ToTensor(), Squeeze(1), *on_device]
+    # The loader yields the stored fields in order (image, label), then the extra outputs (the second view).
+    pipelines = {"image": image_pipeline(), "label": label}
+    augment = None
+    if views == 2:
+        pipelines["second_view"] = PipelineSpec("image", transforms=image_pipeline())
+        from .device_augment import ColourAugment
+        augment = ColourAugment(image_size).to(device)
 
     if opts.order == "quasi_random" and train:
         if world_size > 1 and not (torch.distributed.is_initialized() and torch.distributed.get_rank() == rank):
@@ -123,9 +145,9 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
         loader = Loader(str(beton), batch_size=batch_size, num_workers=threads,
                         order=order, os_cache=opts.os_cache, distributed=world_size > 1, seed=seed,
                         drop_last=train, batches_ahead=opts.batches_ahead,
-                        pipelines={"image": image, "label": label})
+                        pipelines=pipelines)
     except (ValueError, RuntimeError, OSError, AssertionError, IndexError) as e:
         raise DatasetError(f"FFCV could not open {where}: {type(e).__name__}: {e}; {RECONVERT}") from e
     per_rank = len(rank_indices(samples, rank=rank, world_size=world_size, train=train, seed=seed, epoch=0))
     assert len(loader) == batches_per_epoch(per_rank, batch_size, train) or order == OrderOption.QUASI_RANDOM
-    return FfcvLoader(loader, dtype=dtype, where=where)
+    return FfcvLoader(loader, dtype=dtype, where=where, augment=augment)

@@ -3,6 +3,7 @@
 It costs no decoding, no host-to-device copy and no allocation, so training with it measures the model alone.
 Its length and classes follow the real split, so a run with it takes as many steps as with real data. Eval
 batches differ from train batches (another seed): a model that memorized the train batch scores chance on them.
+With views=2 it holds two different random batches, so a contrastive loss does not see two equal views.
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from .formats.manifest import load_manifest, split_info
 
 class SyntheticLoader:
     def __init__(self, *, batches: int, batch_size: int, image_size: int, num_classes: int,
-                 device: torch.device, dtype: torch.dtype, seed: int, train: bool):
+                 device: torch.device, dtype: torch.dtype, seed: int, train: bool, views: int = 1):
         generator = torch.Generator().manual_seed(2 * seed + (0 if train else 1))
-        images = torch.randn(batch_size, 3, image_size, image_size, generator=generator)  # already "normalized"
+        images = tuple(torch.randn(batch_size, 3, image_size, image_size, generator=generator)  # "normalized"
+                       .to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+                       for _ in range(views))
         labels = torch.randint(0, num_classes, (batch_size,), generator=generator)
-        self.images = images.to(device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+        self.images = images[0] if views == 1 else images  # a tuple of views, as the contract says
         self.labels = labels.to(device)
         self.batches = batches
 
@@ -37,11 +40,11 @@ class SyntheticLoader:
 
 def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bool, device: torch.device,
           dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None,
-          options: dict | None = None) -> SyntheticLoader:
+          options: dict | None = None, views: int = 1) -> SyntheticLoader:
     parse_options(NoOptions, "synthetic", options)
     manifest = load_manifest(data)
     samples = len(rank_indices(split_info(data, manifest, split)["samples"], rank=rank, world_size=world_size,
                                train=train, seed=seed, epoch=0))
     return SyntheticLoader(batches=batches_per_epoch(samples, batch_size, train), batch_size=batch_size,
                            image_size=image_size, num_classes=manifest["num_classes"], device=torch.device(device),
-                           dtype=dtype, seed=seed, train=train)
+                           dtype=dtype, seed=seed, train=train, views=views)
