@@ -41,6 +41,10 @@ class ModelConfig:
     kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (depth, patch_size, ...)
     compile: bool = True
     channels_last: bool = True
+    # Transfer (training/transfer.py): start from another run's backbone instead of from scratch.
+    init: str = ""  # a checkpoint file, or a run directory (its checkpoints/best.pt); "": random init
+    finetune: str = "full"  # full: every weight trains | linear: a linear probe on the frozen backbone
+    freeze_blocks: int = 0  # full fine-tuning with the patch embedding and the first K blocks frozen
 
 
 @dataclass
@@ -66,6 +70,24 @@ class TrainConfig:
     log_every: int = 50  # steps between host-device syncs for logging (the only ones in the hot loop)
     eval_every: int = 1  # epochs
     stop_at_step: int = 0  # stop as on SIGTERM (save, exit 0) after this many optimizer steps; 0: never
+    objective: str = "supervised"  # supervised | simclr | rotation (training/objectives.py)
+
+
+@dataclass
+class SSLConfig:
+    """The self-supervised objectives and their k-NN evaluation (training/objectives.py, training/knn.py)."""
+    # SimCLR's NT-Xent temperature. 0.2: MoCo v3's value for ViTs (Chen, Xie & He 2021, "An Empirical Study of
+    # Training Self-Supervised Vision Transformers", sec. 4 and appendix); SimCLR used 0.1-0.5 for ResNets.
+    temperature: float = 0.2
+    # The projection head: Linear(d, proj_hidden_dim)-BN-ReLU-Linear(proj_hidden_dim, proj_dim), SimCLR's
+    # 2-layer MLP with MoCo v3's widths (MoCo v3 uses 3 layers of 4096; 2048 keeps the head small).
+    proj_hidden_dim: int = 2048
+    proj_dim: int = 256
+    # k-NN on frozen features (Wu et al. 2018, "Unsupervised Feature Learning via Non-Parametric Instance
+    # Discrimination"; DINO's eval_knn.py): 20 neighbours, votes weighted by exp(cosine / 0.07).
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_bank: str = "train"  # the split whose features vote (read with eval transforms); queries: data.eval_splits
 
 
 @dataclass
@@ -82,6 +104,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ssl: SSLConfig = field(default_factory=SSLConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -89,7 +112,9 @@ class Config:
 
 
 CHOICES = {("data", "loader"): ("dali", "ffcv", "torchvision", "synthetic"),
-           ("train", "precision"): ("bf16", "fp16", "fp32")}
+           ("train", "precision"): ("bf16", "fp16", "fp32"),
+           ("train", "objective"): ("supervised", "simclr", "rotation"),
+           ("model", "finetune"): ("full", "linear")}
 
 
 def _check(value, kind, where: str):

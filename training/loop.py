@@ -4,6 +4,9 @@ No host-device sync inside the step: the loss is summed on the device and read (
 `log_every` steps, where the clock is read too. Between those points the host queues work ahead of the GPU,
 so the host time spent blocked in `next(batches)` is the time the GPU starves for input: that share of the
 window is the input-wait % shown and logged.
+
+What is minimized is the Step's objective (training/objectives.py): supervised cross-entropy by default,
+or a self-supervised loss, whose batches may hold two views per image.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from .distributed import all_reduce_sum
+from .objectives import Objective, Supervised
 
 
 class NonFiniteLoss(RuntimeError):
@@ -41,13 +45,21 @@ class Step:
     autocast: Callable[[], object]  # a fresh autocast context (or a null one for fp32)
     label_smoothing: float
     grad_clip: float
+    objective: Objective | None = None  # None: supervised cross-entropy with label_smoothing
+    frozen: tuple[torch.nn.Module, ...] = ()  # kept in eval mode while the rest trains (transfer.freeze)
+
+    def __post_init__(self):
+        if self.objective is None:
+            self.objective = Supervised(self.label_smoothing)
 
 
-def train_step(step: Step, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """One optimizer step; returns the loss, still on the device (reading it would sync)."""
+def train_step(step: Step, images: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+    """One optimizer step; returns the loss, still on the device (reading it would sync). `images` is a
+    tuple of views for objectives that take several (the loader's views=2)."""
     model, optimizer, scaler = step.model, step.optimizer, step.scaler
+    inputs, targets = step.objective.inputs(images, labels)
     with step.autocast():
-        loss = F.cross_entropy(model(images), labels, label_smoothing=step.label_smoothing)
+        loss = step.objective.loss(model(inputs), targets)
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
@@ -71,6 +83,8 @@ def train_epoch(step: Step, batches, state: TrainState, *, world_size: int, log_
     signal (state.batch says where), True at the epoch's end. Raises NonFiniteLoss."""
     model = step.model
     model.train()
+    for module in step.frozen:  # a frozen backbone must not update BN statistics or drop out
+        module.eval()
     steps = len(batches)
     iterator = iter(batches)
     for _ in range(state.batch):  # a resumed run: skip what was trained before the stop (read, not trained)
@@ -92,7 +106,7 @@ def train_epoch(step: Step, batches, state: TrainState, *, world_size: int, log_
 
         loss_sum += loss
         nonfinite |= ~torch.isfinite(loss)
-        images_seen += images.shape[0]
+        images_seen += labels.shape[0]  # images, not views
         window_steps += 1
         progress(state.batch)
 

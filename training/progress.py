@@ -13,6 +13,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 
+def describe(figures: dict) -> str:
+    """One evaluation's figures: top-1/top-5/loss (supervised) or k-NN top-1 (self-supervised, training/knn.py)."""
+    if "knn_top1" in figures:
+        return (f"k-NN top-1 {figures['knn_top1']:.2%}  ({figures['samples']:,} images against a bank of "
+                f"{figures['bank']:,})")
+    return (f"top-1 {figures['top1']:.2%}  top-5 {figures['top5']:.2%}  loss {figures['loss']:.3f}  "
+            f"({figures['samples']:,} images)")
+
+
 class RunLog:
     def __init__(self, run_dir: Path, config, *, main: bool, console: Console):
         self.run_dir, self.main, self.console = run_dir, main, console
@@ -73,16 +82,16 @@ class RunLog:
         self.last_eval = results
         for split, figures in results.items():
             self._write({"kind": "eval", "split": split, "epoch": state.epoch, "step": state.step, **figures})
-            self.console.print(f"epoch {state.epoch} {split}: top-1 {figures['top1']:.2%}  top-5 {figures['top5']:.2%}"
-                               f"  loss {figures['loss']:.3f}  ({figures['samples']:,} images)")
+            self.console.print(f"epoch {state.epoch} {split}: {describe(figures)}")
             if self.writer:
-                for key in ("top1", "top5", "loss"):
-                    self.writer.add_scalar(f"{split}/{key}", figures[key], state.step)
+                for key in ("top1", "top5", "loss", "knn_top1"):
+                    if key in figures:
+                        self.writer.add_scalar(f"{split}/{key}", figures[key], state.step)
         if state.epoch < self.epochs:
             self.display.reset(self.task, total=self.steps, epoch=state.epoch + 1, stats="")
 
     def finish(self, state, *, wall_s: float) -> dict:
-        """summary.json: final and best holdout figures, throughput, wall time."""
+        """summary.json: final and best holdout figures (top-1, or k-NN top-1 for SSL runs), throughput, wall time."""
         summary = {"epochs": state.epoch, "steps": state.step, "final": self.last_eval, "best": state.best,
                    "images_per_s": statistics.median(self.rates) if self.rates else None,
                    "input_wait": statistics.median(self.waits) if self.waits else None,

@@ -3,6 +3,8 @@
     python training/run.py --loader dali --data OUT                      # the plan's recipe (vit_b16_seed)
     python training/run.py --preset tiny_cpu --data OUT --device cpu     # a small ViT on a CPU
     python training/run.py --resume runs/NAME                            # continue where it stopped
+    python training/run.py --preset simclr_vit_b16 --data OUT            # self-supervised (k-NN evaluated)
+    python training/run.py --init runs/NAME --finetune linear --data OUT # transfer: a linear probe
     torchrun --nproc-per-node 8 training/run.py --loader dali --data OUT # DDP, one process per GPU
 
 Flags set the common fields; `--set section.field=value` reaches any field of training/config.py. The run
@@ -28,20 +30,23 @@ from rich.console import Console  # noqa: E402
 
 from pipelines import build_loader  # noqa: E402
 from pipelines.formats.manifest import DatasetError, load_manifest  # noqa: E402
-from training import checkpoint  # noqa: E402
+from training import checkpoint, knn  # noqa: E402
 from training.config import (Config, ConfigError, apply_overrides, config_from_dict, load_config,
                              preset_names)  # noqa: E402
 from training.distributed import Dist, cleanup, setup  # noqa: E402
 from training.loop import NonFiniteLoss, Step, TrainState, evaluate, train_epoch  # noqa: E402
-from training.model import create_model  # noqa: E402
+from training.objectives import (Objective, backbone_of, build_network, build_objective,  # noqa: E402
+                                 checkpoint_weights, load_checkpoint_weights)
 from training.optim import build_optimizer, build_scheduler  # noqa: E402
 from training.progress import RunLog  # noqa: E402
+from training.transfer import freeze, load_backbone  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FLAGS = {"loader": "data.loader", "data": "data.path", "model": "model.name", "epochs": "train.epochs",
          "batch_size": "data.batch_size", "lr": "optim.lr", "image_size": "data.image_size",
          "device": "train.device", "out": "run.out", "name": "run.name", "precision": "train.precision",
-         "workers": "data.workers"}
+         "workers": "data.workers", "objective": "train.objective", "init": "model.init",
+         "finetune": "model.finetune", "freeze_blocks": "model.freeze_blocks"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,6 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--name", help="the run directory's name (default: <preset>-<loader>-<time>)")
     p.add_argument("--resume", help="a run directory or checkpoint to continue from (its config is reused)")
     p.add_argument("--no-compile", action="store_true", help="train without torch.compile")
+    p.add_argument("--objective", help="supervised | simclr | rotation")
+    p.add_argument("--init", help="start from this checkpoint's backbone (a .pt file or a run directory)")
+    p.add_argument("--finetune", help="full (default) | linear (a linear probe on the frozen backbone)")
+    p.add_argument("--freeze-blocks", type=int, help="freeze the patch embedding and the first K blocks")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set optim.warmup_epochs=0 (repeatable)")
     return p.parse_args(argv)
@@ -119,15 +128,31 @@ def autocast_factory(precision: str, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=DTYPES[precision])
 
 
-def loaders(config: Config, dist: Dist, manifest: dict):
+def loaders(config: Config, dist: Dist, manifest: dict, objective: Objective):
+    """The train loader (with the objective's views), the eval loaders and, for the self-supervised objectives,
+    the k-NN bank: the bank split read with eval transforms (None for supervised runs)."""
     data = config.data
     common = dict(batch_size=data.batch_size, image_size=data.image_size, device=dist.device,
                   dtype=DTYPES[config.train.precision], rank=dist.rank, world_size=dist.world_size,
                   seed=config.train.seed, workers=data.workers or None, options=data.options)
-    train = build_loader(data.loader, data.path, data.train_split, train=True, **common)
+    train = build_loader(data.loader, data.path, data.train_split, train=True, views=objective.views, **common)
     evals = {split: build_loader(data.loader, data.path, split, train=False, **common)
              for split in data.eval_splits if split in manifest["splits"] and manifest["splits"][split]["samples"]}
-    return train, evals
+    bank = None if objective.supervised else build_loader(data.loader, data.path, config.ssl.knn_bank, train=False,
+                                                          **common)
+    return train, evals, bank
+
+
+def build_model(config: Config, objective: Objective, num_classes: int, dist: Dist, saved: dict | None,
+                console: Console) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
+    """The network the objective trains (training/objectives.py), with --init's backbone loaded into it (not on
+    a resume: the checkpoint holds the weights) and --finetune / --freeze-blocks applied. Raises ConfigError
+    (TransferError) for a checkpoint or freezing that does not fit."""
+    torch.manual_seed(config.train.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+    network = build_network(config, objective, num_classes, sync_bn=dist.world_size > 1 and dist.device.type == "cuda")
+    if config.model.init and saved is None:
+        load_backbone(backbone_of(network), config.model.init, say=console.print if dist.main else lambda _: None)
+    return network, freeze(backbone_of(network), config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,34 +164,35 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("no dataset: pass --data OUT (the output of tools/convert_imagenet.py)")
         dist = setup(config.train.device)
         manifest = load_manifest(Path(config.data.path))
+        objective = build_objective(config)
+        model, frozen = build_model(config, objective, manifest["num_classes"], dist, saved, console)
     except (ConfigError, DatasetError, FileNotFoundError, RuntimeError) as e:
         console.print(f"[red]error:[/red] {e}")
         return 2
     run_dir = run_directory(config, args)
     log = RunLog(run_dir, config, main=dist.main, console=console)
     try:
-        return train(config, saved, dist, manifest, run_dir, log, console)
+        return train(config, saved, dist, manifest, run_dir, log, console, objective, model, frozen)
     finally:
         log.close()
         cleanup()
 
 
 def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_dir: Path, log: RunLog,
-          console: Console) -> int:
-    torch.manual_seed(config.train.seed)  # the same initial weights on every rank (DDP also broadcasts them)
+          console: Console, objective: Objective, model: torch.nn.Module, frozen: list[torch.nn.Module]) -> int:
     num_classes = manifest["num_classes"]
-    train_batches, eval_batches = loaders(config, dist, manifest)
+    train_batches, eval_batches, bank_batches = loaders(config, dist, manifest, objective)
 
-    model = create_model(config.model, num_classes, config.data.image_size).to(dist.device)
+    model = model.to(dist.device)
     if config.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, config.optim)
+    optimizer = build_optimizer(model, config.optim)  # only the parameters that require gradients (not frozen)
     scheduler = build_scheduler(optimizer, config.optim, steps_per_epoch=len(train_batches),
                                 epochs=config.train.epochs)
     scaler = torch.amp.GradScaler(dist.device.type) if config.train.precision == "fp16" else None
     state = TrainState()
     if saved is not None:
-        model.load_state_dict(saved["model"])
+        load_checkpoint_weights(model, saved)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if scaler is not None and saved["scaler"]:
@@ -184,18 +210,27 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
     if config.model.compile:
         trained = torch.compile(trained)
     autocast = autocast_factory(config.train.precision, dist.device)
-    step = Step(trained, optimizer, scheduler, scaler, autocast, config.optim.label_smoothing, config.optim.grad_clip)
+    step = Step(trained, optimizer, scheduler, scaler, autocast, config.optim.label_smoothing, config.optim.grad_clip,
+                objective, tuple(frozen))
     stop = StopFlag(console, state, config.train.stop_at_step, dist.device)
     last_path = run_dir / "checkpoints" / checkpoint.LAST
 
     def save_last() -> None:
         if dist.main:
             checkpoint.save(last_path, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "num_classes": num_classes, **checkpoint_weights(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
                 "position": {"epoch": state.epoch, "batch": state.batch, "step": state.step},
-                "best": state.best, "rng": checkpoint.rng_state(), "config": config.to_dict(),
-                "num_classes": num_classes})
+                "best": state.best, "rng": checkpoint.rng_state(), "config": config.to_dict()})
+
+    def evaluate_all() -> tuple[dict, str]:
+        """Supervised: top-1/top-5 on each eval split. Self-supervised: k-NN top-1 of the frozen backbone's
+        features. Returns the results and the figure that picks the best checkpoint."""
+        if objective.supervised:
+            return {split: evaluate(model, batches, num_classes=num_classes, autocast=autocast)
+                    for split, batches in eval_batches.items()}, "top1"
+        return knn.evaluate(backbone_of(model), bank_batches, eval_batches, num_classes=num_classes,
+                            k=config.ssl.knn_k, temperature=config.ssl.knn_temperature, autocast=autocast), "knn_top1"
 
     start = time.perf_counter()
     log.start(epochs=config.train.epochs, steps=len(train_batches), state=state)
@@ -217,16 +252,15 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
             return 0
         state.epoch, state.batch = state.epoch + 1, 0
         if state.epoch % config.train.eval_every == 0 or state.epoch == config.train.epochs:
-            results = {split: evaluate(model, batches, num_classes=num_classes, autocast=autocast)
-                       for split, batches in eval_batches.items()}
+            results, metric = evaluate_all()
             log.evaluation(state, results)
             holdout = results.get("holdout") or next(iter(results.values()), None)
-            if holdout and holdout["top1"] > state.best.get("top1", -1.0):
+            if holdout and holdout[metric] > state.best.get(metric, -1.0):
                 state.best = {**holdout, "epoch": state.epoch}
                 if dist.main:
                     checkpoint.save(run_dir / "checkpoints" / checkpoint.BEST,
-                                    {"model": model.state_dict(), "config": config.to_dict(),
-                                     "num_classes": num_classes, "metrics": holdout, "epoch": state.epoch})
+                                    {"num_classes": num_classes, **checkpoint_weights(model),
+                                     "config": config.to_dict(), "metrics": holdout, "epoch": state.epoch})
         save_last()
         if stop():
             console.print(f"stopped after epoch {state.epoch}; resume with: python training/run.py --resume {run_dir}")
