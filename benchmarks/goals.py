@@ -54,7 +54,7 @@ def cpu_ratio_blame(kind: str, rate: float, base: float, workers: int, ceiling: 
 
 def loader_verdicts(r: dict, on_gpu: bool, resolution: str) -> list[Verdict]:
     """CPU: dali and ffcv over torchvision at the most workers. GPU: each loader's best from full-size JPEGs."""
-    rows = [row for row in r["results"] if not row.get("options")]
+    rows = [row for row in r["results"] if not row.get("options") and row.get("views", 1) == 1]
     out = []
     if not on_gpu:
         most = max((row["workers"] for row in rows), default=0)

@@ -73,7 +73,8 @@ def sync(device: torch.device) -> None:
 def measure(kind: str, data: Path, *, workers: int, device: torch.device, args, options: dict | None) -> dict:
     start = time.perf_counter()
     loader = build_loader(kind, data, args.split, batch_size=args.batch_size, image_size=args.image_size,
-                          train=True, device=device, dtype=args.dtype, workers=workers, options=options)
+                          train=True, device=device, dtype=args.dtype, workers=workers, options=options,
+                          views=args.views)
     batches = endless(loader)
     for _ in range(args.warmup):
         next(batches)
@@ -112,6 +113,8 @@ def parse_args(argv):
                    help="a window also lasts at least this many seconds (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=10, help="batches before the clock (default: %(default)s)")
+    p.add_argument("--views", type=int, default=1, choices=[1, 2],
+                   help="2: the two-view (SimCLR) augmentation; images/s then counts views (default: %(default)s)")
     p.add_argument("--dali-hw-load", type=float, nargs="+", default=None,
                    help="GPU only: also sweep DALI's hw_decoder_load over these values")
     p.add_argument("--results", type=Path, default=record.RESULTS, help="where the JSON and markdown go")
@@ -161,8 +164,11 @@ def main(argv: list[str] | None = None) -> int:
         except LoaderUnavailable as e:
             console.print(f"[yellow]skipped {kind}: {e}[/yellow]")
             continue
-        rows.append({"label": label, "kind": kind, "workers": workers, "options": options or {}, **result})
-    baseline = {r["workers"]: r["images_per_s"]["median"] for r in rows if r["label"] == "torchvision"}
+        if args.views == 2:  # its own label: the report must not merge it with the one-view rows
+            label += " 2 views"
+        rows.append({"label": label, "kind": kind, "workers": workers, "options": options or {}, "views": args.views,
+                     **result})
+    baseline = {r["workers"]: r["images_per_s"]["median"] for r in rows if r["kind"] == "torchvision"}
     for r in rows:
         if r["kind"] != "torchvision" and r["workers"] in baseline:
             r["vs_torchvision"] = r["images_per_s"]["median"] / baseline[r["workers"]]

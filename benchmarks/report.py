@@ -48,6 +48,12 @@ def resolution(r: dict) -> str:
     return "?" if value is None else "full size" if value == 0 else f"{value} px"
 
 
+def objective(r: dict) -> str:
+    """What a training record's step minimized ("" for the supervised default and for other benchmarks)."""
+    value = r.get("settings", {}).get("objective", "supervised") if r["benchmark"] == "train_step" else ""
+    return "" if value == "supervised" else value
+
+
 def figures(r: dict) -> dict[str, float]:
     """A record's headline figures by a name that identifies them across runs."""
     out = {}
@@ -57,7 +63,8 @@ def figures(r: dict) -> dict[str, float]:
                 row["images_per_s"]["median"]
     elif r["benchmark"] == "train_step":
         for row in r["results"]:
-            out[f"train {row['kind']}, batch {row['batch_size']}"] = row["images_per_s"]["median"]
+            what = f"train {objective(r) + ' ' if objective(r) else ''}{row['kind']}"
+            out[f"{what}, batch {row['batch_size']}"] = row["images_per_s"]["median"]
     elif r["benchmark"] == "convert":
         for workers, row in r["results"].items():
             out[f"convert end to end per core, {workers} workers"] = row["total_images_per_s_per_core"]["median"]
@@ -70,7 +77,7 @@ def newest(records: list[dict]) -> dict[tuple[str, str, str], dict]:
     latest: dict[tuple[str, str, str], dict] = {}
     for r in sorted(records, key=lambda r: r["date"]):
         if r["benchmark"] != "loaders":
-            latest[(r["benchmark"], machine(r), "")] = r
+            latest[(r["benchmark"], machine(r), objective(r))] = r
             continue
         key = ("loaders", machine(r), f"{resolution(r)} on {r['settings'].get('device', '?')}")
         merged = latest.get(key)
@@ -109,7 +116,7 @@ def chart_loaders(records: list[dict], path: Path, title: str) -> None:
     best: dict[str, dict[str, float]] = {}
     for r in records:
         for row in r["results"]:
-            if row["kind"] == "synthetic" or row["options"]:
+            if row["kind"] == "synthetic" or row["options"] or row.get("views", 1) != 1:
                 continue
             per_kind = best.setdefault(resolution(r), {})
             per_kind[row["kind"]] = max(per_kind.get(row["kind"], 0), row["images_per_s"]["median"])
@@ -132,7 +139,7 @@ def chart_scaling(r: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for kind in sorted({row["kind"] for row in r["results"] if row["kind"] != "synthetic"}):
         rows = sorted((row["workers"], row["images_per_s"]["median"]) for row in r["results"]
-                      if row["kind"] == kind and not row["options"])
+                      if row["kind"] == kind and not row["options"] and row.get("views", 1) == 1)
         ax.plot([w for w, _ in rows], [v for _, v in rows], marker="o", label=kind)
     ax.set_xlabel("CPU workers (threads or processes)")
     ax.set_ylabel("images/s (median)")
@@ -172,7 +179,7 @@ def render(records: list[dict], out: Path) -> str:
         gpu_loaders = [r for r in loader_records if r["settings"].get("device") != "cpu"] if "no GPU" not in m else []
         verdicts = [v for r in loader_records
                     for v in goals.loader_verdicts(r, r["settings"].get("device") != "cpu", resolution(r))]
-        if ("train_step", m, "") in latest:
+        if ("train_step", m, "") in latest:  # the goals are for supervised training
             verdicts += goals.train_verdicts(latest[("train_step", m, "")])
         lines += goals.markdown(verdicts)
         if loader_records:
@@ -193,9 +200,11 @@ def render(records: list[dict], out: Path) -> str:
                 png = f"charts/scaling-{slug(m)}.png"
                 chart_scaling(widest, out.parent / png, f"images/s against workers ({resolution(widest)}) - {m}")
                 lines += [f"![worker scaling on {m}]({png})", ""]
-        train = latest.get(("train_step", m, ""))
-        if train:
-            lines += ["### Training: real input against synthetic", "",
+        for (b, mm, what), train in sorted(latest.items()):
+            if b != "train_step" or mm != m:
+                continue
+            title = f"Training{' (' + what + ', two views per image: images/s counts views)' if what else ''}"
+            lines += [f"### {title}: real input against synthetic", "",
                       "| loader | batch | images/s | vs synthetic | input wait | MFU |",
                       "|---|---:|---:|---:|---:|---:|"]
             for row in train["results"]:
@@ -203,8 +212,8 @@ def render(records: list[dict], out: Path) -> str:
                 mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "-"
                 lines.append(f"| {row['kind']} | {row['batch_size']} | {row['images_per_s']['median']:,.1f} | {vs} | "
                              f"{row['input_wait']['median']:.1%} | {mfu} |")
-            png = f"charts/real-vs-synthetic-{slug(m)}.png"
-            chart_real_vs_synthetic(train, out.parent / png, f"training real / synthetic - {m}")
+            png = f"charts/real-vs-synthetic-{slug(m + ' ' + what)}.png"
+            chart_real_vs_synthetic(train, out.parent / png, f"training {what} real / synthetic - {m}")
             lines += ["", f"record {train['_file']} (commit {train['commit']})", "",
                       f"![real over synthetic on {m}]({png})", ""]
         convert = latest.get(("convert", m, ""))

@@ -7,11 +7,12 @@
 Parts (each writes JSON records with hardware, versions, commit and settings; see benchmarks/record.py):
 - `data`: a generated ImageNet-like sample (tools/make_sample_imagenet.py), converted at every stored
   resolution the suite measures (the converter's --max-resolution; 0 keeps full size). Reused when present.
-- `loaders`: each loader alone (benchmarks/loaders.py) at every stored resolution, all cores.
+- `loaders`: each loader alone (benchmarks/loaders.py) at every stored resolution, all cores; then with the
+  two-view (SimCLR) augmentation, where images/s counts views.
 - `scaling`: the loaders over a sweep of CPU workers at one resolution, to show where each one saturates.
 - `train`: training steps from synthetic input and from each loader (benchmarks/train_step.py): the
   real/synthetic ratio, MFU and peak GPU memory, with a profile that splits each step into input wait and
-  model time.
+  model time; then the same for SimCLR (two views per image).
 - `convert`: converter images/s per core (benchmarks/convert.py).
 
 `cpu` runs everything on the CPU with the tiny model (about 6 minutes on 2 cores); `gpu` runs ViT-B/16 bf16
@@ -144,12 +145,17 @@ def run_part(part: str, suite: Suite, work: Path, results: Path, console: Consol
         for resolution in suite.resolutions:
             loaders_bench.main(["--data", str(dataset(work, resolution)), *kinds, *common,
                                 "--workers", str(max(suite.scaling_workers)), *suite.loader_args])
+        # the two-view (SimCLR) augmentation, on the data the training part reads
+        loaders_bench.main(["--data", str(dataset(work, suite.train_resolution)), *kinds, *common, "--views", "2",
+                            "--workers", str(max(suite.scaling_workers)), *suite.loader_args])
     elif part == "scaling":
         loaders_bench.main(["--data", str(dataset(work, suite.scaling_resolution)), *kinds, *common,
                             "--workers", *map(str, suite.scaling_workers), *suite.loader_args])
     elif part == "train":
-        train_bench.main(["--data", str(dataset(work, suite.train_resolution)), *kinds, *common,
-                          "--profile", str(work / "profiles"), *suite.train_args])
+        data = ("--data", str(dataset(work, suite.train_resolution)))
+        train_bench.main([*data, *kinds, *common, "--profile", str(work / "profiles"), *suite.train_args])
+        # SimCLR: two views per image through the same model; at the supervised run's batch, no profile
+        train_bench.main([*data, *kinds, *common, "--objective", "simclr", *suite.train_args])
     elif part == "convert":
         convert_bench.main([*suite.convert_args, "--results", str(results)])
 

@@ -23,14 +23,14 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import goals, record
-from benchmarks.loaders import endless, sync
+from benchmarks.loaders import batch_images, endless, sync
 from benchmarks.record import summarize, write_record
 from pipelines import KINDS, build_loader
 from pipelines.contract import LoaderUnavailable
 from pipelines.formats.manifest import load_manifest
 from training.config import apply_overrides, load_config
 from training.loop import Step, train_step
-from training.model import create_model
+from training.objectives import build_network, build_objective
 from training.optim import build_optimizer, build_scheduler
 from training.run import DTYPES, autocast_factory
 
@@ -70,7 +70,7 @@ def measure(step: Step, loader, device: torch.device, args) -> dict:
             batch = next(batches)
             waited += time.perf_counter() - t0
             train_step(step, *batch)
-            images += batch[0].shape[0]
+            images += batch_images(batch)  # views count: each is a model input
         sync(device)
         elapsed = time.perf_counter() - start
         rates.append(images / elapsed)
@@ -114,6 +114,8 @@ def parse_args(argv):
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--preset", default="vit_b16_seed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--objective", choices=["supervised", "simclr", "rotation"], default=None,
+                   help="what the step minimizes (default: the preset's); simclr reads two views per image")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     p.add_argument("--batch-size", type=int, nargs="+", default=None, help="default: the preset's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -131,14 +133,17 @@ def parse_args(argv):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console, device = Console(), torch.device(args.device)
-    config = apply_overrides(load_config(args.preset), args.set + (["model.compile=false"] if args.no_compile else []))
+    overrides = args.set + (["model.compile=false"] if args.no_compile else []) + \
+        ([f"train.objective={args.objective}"] if args.objective else [])
+    config = apply_overrides(load_config(args.preset), overrides)
+    objective = build_objective(config)
     num_classes = load_manifest(args.data)["num_classes"]
     autocast = autocast_factory(config.train.precision, device)
     peak = args.peak_tflops or default_peak(device)
     rows = []
     for batch_size in args.batch_size or [config.data.batch_size]:
         torch.manual_seed(0)
-        model = create_model(config.model, num_classes, config.data.image_size).to(device)
+        model = build_network(config, objective, num_classes).to(device)
         model = model.to(memory_format=torch.channels_last)
         flops = train_flops_per_image(model, config.data.image_size, device, autocast)
         optimizer = build_optimizer(model, config.optim)
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         scaler = torch.amp.GradScaler(device.type) if config.train.precision == "fp16" else None
         trained = torch.compile(model) if config.model.compile else model
         step = Step(trained, optimizer, scheduler, scaler, autocast, config.optim.label_smoothing,
-                    config.optim.grad_clip)
+                    config.optim.grad_clip, objective)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         for kind in args.kinds:
@@ -155,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                 loader = build_loader(kind, args.data, config.data.train_split, batch_size=batch_size,
                                       image_size=config.data.image_size, train=True, device=device,
                                       dtype=DTYPES[config.train.precision], workers=args.workers,
+                                      views=objective.views,
                                       options=config.data.options if kind == config.data.loader else None)
             except LoaderUnavailable as e:
                 console.print(f"[yellow]skipped {kind}: {e}[/yellow]")
@@ -177,10 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             r["vs_synthetic"] = r["images_per_s"]["median"] / synthetic["images_per_s"]["median"]
 
     settings = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                "config": config.to_dict(), "peak_tflops": peak, "device": str(device)}
+                "config": config.to_dict(), "peak_tflops": peak, "device": str(device), "objective": objective.name}
     path = write_record("train_step", {"settings": settings, "goals": GOALS, "results": rows}, args.results)
     env = record.environment()
-    lines = [f"Training images/s ({config.model.name}, {config.data.image_size} px, {config.train.precision}, "
+    lines = [f"Training images/s ({config.model.name}, {objective.name}, {config.data.image_size} px, "
+             f"{config.train.precision}, "
              f"compile {config.model.compile}), median of {args.repeats} windows of {args.steps} steps.",
              f"Hardware: {env['cpu']} ({env['cores']} cores){', ' + env['gpu'] if env['gpu'] else ''}. "
              f"Commit {env['commit']}. MFU against {peak or '-'} TFLOP/s.", "",

@@ -85,20 +85,26 @@ def test_gpu_check_reports_what_the_budget_left_out(tmp_path):
 
 def test_cpu_suite_then_report(tmp_path):
     """`benchmarks.run --suite cpu` (dry-run sizes) writes every part's records; the report renders them with
-    its goals section, and a loader record per stored resolution (256, 512, full size)."""
+    its goals section, and a loader record per stored resolution (256, 512, full size) and for two views."""
     results = tmp_path / "results"
     assert run.main(["--suite", "cpu", "--dry-run", "--results", str(results), "--work", str(tmp_path / "w")]) == 0
     records = report.load([results])
     assert sorted({r["benchmark"] for r in records}) == ["convert", "loaders", "train_step"]
     loader_records = [r for r in records if r["benchmark"] == "loaders"]
-    assert sorted(report.resolution(r) for r in loader_records) == ["256 px", "512 px", "512 px", "full size"]
+    # 256, 512, full size; the worker sweep at 512; the two-view augmentation at 512 (the training data)
+    assert sorted(report.resolution(r) for r in loader_records) == ["256 px", "512 px", "512 px", "512 px", "full size"]
+    (two_view,) = [r for r in loader_records if r["settings"]["views"] == 2]
+    assert {row["label"] for row in two_view["results"]} >= {"dali 2 views", "ffcv 2 views", "torchvision 2 views"}
     scaling = max(loader_records, key=lambda r: len(r["results"]))
     assert {row["workers"] for row in scaling["results"] if row["kind"] == "torchvision"} == {1, 2}
     assert all(r["decode_ceiling"]["images_per_s_per_core"]["median"] > 0 for r in loader_records)
-    train = next(r for r in records if r["benchmark"] == "train_step")
-    assert all(row["profile"]["step_ms"] > 0 for row in train["results"])
+    trains = {r["settings"]["objective"]: r for r in records if r["benchmark"] == "train_step"}
+    assert set(trains) == {"supervised", "simclr"}
+    assert all(row["profile"]["step_ms"] > 0 for row in trains["supervised"]["results"])
+    assert {row["kind"] for row in trains["simclr"]["results"]} >= {"synthetic", "dali", "ffcv", "torchvision"}
     text = report.render(records, tmp_path / "report.md")
     assert "### Goals" in text and "over torchvision, 2 workers, 512 px | 2.5x" in text
+    assert "### Training: real input" in text and "### Training (simclr, two views per image" in text
 
 
 def test_gpu_suite_refuses_without_a_gpu(capsys):
