@@ -17,6 +17,8 @@
 # --dry-run is this same script with the suite's --dry-run (tiny sizes, on the CPU; the GPU tests skip
 # themselves), so `make test` checks its plumbing.
 # With DALI and FFCV carried to the machine as ../shared/device/README.md describes, source /tmp/gd/env.sh first.
+# kornia (FFCV's two-view colour augmentation) is not on the GPU machine either: carry the wheels in .whl
+# (kornia and kornia_rs for cp312, ../shared/device/README.md's wheel recipe) and the script installs them.
 set -uo pipefail
 dry=()
 if [[ ${1:-} == --dry-run ]]; then dry=(--dry-run); shift; fi
@@ -29,6 +31,10 @@ mkdir -p "$results" "$work/records"
 results=$(cd "$results" && pwd) work=$(cd "$work" && pwd)  # absolute: the script changes directory next
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONUNBUFFERED=1
+if ! "$py" -c 'import kornia' 2>/dev/null && compgen -G '.whl/*.whl' >/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 
 failed=()
 step() {  # step NAME SECONDS COMMAND...: runs it under min(SECONDS, what is left of the budget), logs it

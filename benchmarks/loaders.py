@@ -156,13 +156,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     console = Console()
-    rows = []
+    rows, failed = [], []
     for kind, workers, options, label in configurations(args, device):
         console.print(f"[dim]measuring {label}, {workers or '-'} workers ...[/dim]")
         try:
             result = measure(kind, args.data, workers=workers, device=device, args=args, options=options)
         except LoaderUnavailable as e:
             console.print(f"[yellow]skipped {kind}: {e}[/yellow]")
+            continue
+        except Exception as e:  # one broken configuration must not cost the others' figures
+            console.print(f"[red]{label}, {workers} workers failed: {type(e).__name__}: {e}[/red]")
+            failed.append({"label": label, "workers": workers, "error": f"{type(e).__name__}: {e}"})
             continue
         if args.views == 2:  # its own label: the report must not merge it with the one-view rows
             label += " 2 views"
@@ -176,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     settings["max_resolution"] = load_manifest(args.data)["settings"]["max_resolution"]  # 0: full size
     goals = {"cpu_ratio_vs_torchvision": goals_.CPU_RATIO, "gpu_images_per_s": goals_.GPU_LOADER}
     ceiling = decode_ceiling(args.data, args.split, images=64)
-    path = write_record("loaders", {"settings": settings, "goals": goals, "results": rows,
+    path = write_record("loaders", {"settings": settings, "goals": goals, "results": rows, "failed": failed,
                                     "decode_ceiling": ceiling}, args.results)
     path.with_suffix(".md").write_text(markdown(rows, record.environment(), settings, ceiling))
 
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"one core decodes {ceiling['images_per_s_per_core']['median']:,.0f} of these JPEGs per second "
                   f"(PIL, full decode): the CPU decode ceiling is that times the workers")
     console.print(f"record: {path} (and .md)")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -137,27 +137,33 @@ def kinds_available() -> list[str]:
 
 
 def run_part(part: str, suite: Suite, work: Path, results: Path, console: Console) -> None:
+    """Runs one part; raises if any of its measurements failed (after the others ran and were recorded)."""
     common = ("--device", suite.device, "--results", str(results))
     kinds = ("--kinds", *kinds_available())
+    codes = []
     if part == "data":
         build_data(suite, work, console)
     elif part == "loaders":
         for resolution in suite.resolutions:
-            loaders_bench.main(["--data", str(dataset(work, resolution)), *kinds, *common,
-                                "--workers", str(max(suite.scaling_workers)), *suite.loader_args])
+            codes.append(loaders_bench.main(["--data", str(dataset(work, resolution)), *kinds, *common,
+                                             "--workers", str(max(suite.scaling_workers)), *suite.loader_args]))
         # the two-view (SimCLR) augmentation, on the data the training part reads
-        loaders_bench.main(["--data", str(dataset(work, suite.train_resolution)), *kinds, *common, "--views", "2",
-                            "--workers", str(max(suite.scaling_workers)), *suite.loader_args])
+        codes.append(loaders_bench.main(["--data", str(dataset(work, suite.train_resolution)), *kinds, *common,
+                                         "--views", "2", "--workers", str(max(suite.scaling_workers)),
+                                         *suite.loader_args]))
     elif part == "scaling":
-        loaders_bench.main(["--data", str(dataset(work, suite.scaling_resolution)), *kinds, *common,
-                            "--workers", *map(str, suite.scaling_workers), *suite.loader_args])
+        codes.append(loaders_bench.main(["--data", str(dataset(work, suite.scaling_resolution)), *kinds, *common,
+                                         "--workers", *map(str, suite.scaling_workers), *suite.loader_args]))
     elif part == "train":
         data = ("--data", str(dataset(work, suite.train_resolution)))
-        train_bench.main([*data, *kinds, *common, "--profile", str(work / "profiles"), *suite.train_args])
+        codes.append(train_bench.main([*data, *kinds, *common, "--profile", str(work / "profiles"),
+                                       *suite.train_args]))
         # SimCLR: two views per image through the same model; at the supervised run's batch, no profile
-        train_bench.main([*data, *kinds, *common, "--objective", "simclr", *suite.train_args])
+        codes.append(train_bench.main([*data, *kinds, *common, "--objective", "simclr", *suite.train_args]))
     elif part == "convert":
-        convert_bench.main([*suite.convert_args, "--results", str(results)])
+        codes.append(convert_bench.main([*suite.convert_args, "--results", str(results)]))
+    if any(codes):
+        raise RuntimeError(f"{part}: some measurements failed; their errors are above and in the records")
 
 
 def parse_args(argv):

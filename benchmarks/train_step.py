@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     num_classes = load_manifest(args.data)["num_classes"]
     autocast = autocast_factory(config.train.precision, device)
     peak = args.peak_tflops or default_peak(device)
-    rows = []
+    rows, failed = [], []
     for batch_size in args.batch_size or [config.data.batch_size]:
         torch.manual_seed(0)
         model = build_network(config, objective, num_classes).to(device)
@@ -165,10 +165,15 @@ def main(argv: list[str] | None = None) -> int:
             except LoaderUnavailable as e:
                 console.print(f"[yellow]skipped {kind}: {e}[/yellow]")
                 continue
-            result = measure(step, loader, device, args)
-            if args.profile:
-                result["profile"] = profile(step, loader, device, args.profile, f"{kind}-batch{batch_size}")
-                console.print(f"[dim]profile: {result['profile']}[/dim]")
+            try:
+                result = measure(step, loader, device, args)
+                if args.profile:
+                    result["profile"] = profile(step, loader, device, args.profile, f"{kind}-batch{batch_size}")
+                    console.print(f"[dim]profile: {result['profile']}[/dim]")
+            except Exception as e:  # one broken loader must not cost the others' figures (a short GPU window)
+                console.print(f"[red]{kind}, batch {batch_size} failed: {type(e).__name__}: {e}[/red]")
+                failed.append({"kind": kind, "batch_size": batch_size, "error": f"{type(e).__name__}: {e}"})
+                continue
             rate = result["images_per_s"]["median"]
             rows.append({"kind": kind, "batch_size": batch_size, **result, "train_flops_per_image": flops,
                          "mfu": rate * flops / (peak * 1e12) if peak else None})
@@ -184,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                 "config": config.to_dict(), "peak_tflops": peak, "device": str(device), "objective": objective.name}
-    path = write_record("train_step", {"settings": settings, "goals": GOALS, "results": rows}, args.results)
+    path = write_record("train_step", {"settings": settings, "goals": GOALS, "results": rows, "failed": failed},
+                        args.results)
     env = record.environment()
     lines = [f"Training images/s ({config.model.name}, {objective.name}, {config.data.image_size} px, "
              f"{config.train.precision}, "
@@ -204,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     path.with_suffix(".md").write_text("\n".join(lines) + "\n")
     console.print(table)
     console.print(f"record: {path} (and .md)")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

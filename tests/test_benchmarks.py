@@ -195,3 +195,21 @@ def test_readme_block_is_filled_and_refilled(tmp_path):
     assert "### NVIDIA H100 80GB HBM3, 16 cores" in text and "#### Loaders alone" in text
     for png in re.findall(r"\]\(([^)]+\.png)\)", text):
         assert png.startswith("benchmarks/charts/") and (tmp_path / png).is_file(), png
+
+
+def test_a_failing_loader_costs_only_its_own_rows(converted, tmp_path, monkeypatch):
+    """On a short GPU window, one broken configuration must not lose the others' figures: it is recorded as
+    failed, the rest are measured, and the exit status says so."""
+    real = loaders.measure
+
+    def measure(kind, *args, **kwargs):
+        if kind == "torchvision":
+            raise RuntimeError("injected")
+        return real(kind, *args, **kwargs)
+    monkeypatch.setattr(loaders, "measure", measure)
+    assert loaders.main(["--data", str(converted[0]), "--kinds", "torchvision", "synthetic", "--workers", "1",
+                         "--batch-size", "8", "--image-size", "32", "--batches", "2", "--repeats", "2",
+                         "--warmup", "1", "--device", "cpu", "--results", str(tmp_path)]) == 1
+    r = record(tmp_path, "loaders")
+    assert [row["label"] for row in r["results"]] == ["synthetic"]
+    assert r["failed"] == [{"label": "torchvision", "workers": 1, "error": "RuntimeError: injected"}]
