@@ -40,12 +40,11 @@ demo: setup
 	  --name tiny_cpu-dali
 	@echo "demo output: $(DEMO)/converted (the converted dataset), $(DEMO)/runs/tiny_cpu-dali (the run)"
 
-# Each loader alone on the demo's converted sample (made here if `make demo` has not run), side by side.
+# The CPU benchmark suite (about 9 minutes on 2 cores; it builds its own data in build/bench), then the report:
+# benchmarks/report.md, its charts, and the README's Results tables.
 bench: setup
-	@test -f $(DEMO)/converted/manifest.json || { \
-	  test -d $(DEMO)/sample || $(PY) tools/make_sample_imagenet.py $(DEMO)/sample --quirks; \
-	  $(PY) tools/convert_imagenet.py $(DEMO)/sample $(DEMO)/converted; }
-	$(PY) -m benchmarks.loaders --data $(DEMO)/converted
+	$(PY) -m benchmarks.run --suite cpu
+	$(PY) -m benchmarks.report --readme README.md
 
 bench-convert: setup
 	$(PY) -m benchmarks.convert

@@ -15,7 +15,7 @@ Parts (each writes JSON records with hardware, versions, commit and settings; se
   model time; then the same for SimCLR (two views per image).
 - `convert`: converter images/s per core (benchmarks/convert.py).
 
-`cpu` runs everything on the CPU with the tiny model (about 6 minutes on 2 cores); `gpu` runs ViT-B/16 bf16
+`cpu` runs everything on the CPU with the tiny model (about 9 minutes on 2 cores); `gpu` runs ViT-B/16 bf16
 compiled on the GPU, at ImageNet size (about 7 minutes on one H100, benchmarks/gpu_check.sh); `all` is both.
 `--dry-run` runs the same parts with tiny sizes on the CPU, in seconds: the tests and gpu_check.sh's own
 --dry-run use it. A part that fails is reported and the others still run; the exit status is 1 if any failed.
