@@ -122,44 +122,31 @@ def build_data(suite: Suite, work: Path, console: Console) -> None:
             convert(source, out, ConvertSettings(max_resolution=resolution), console=Console(quiet=True))
 
 
-def kinds_available() -> list[str]:
-    """The loaders whose libraries import here (the GPU machine may lack FFCV's C part)."""
-    from pipelines import KINDS
-    from pipelines.contract import LoaderUnavailable, require
-    kinds = []
-    for kind, (module, extra) in {"dali": ("nvidia.dali", "dali"), "ffcv": ("ffcv.libffcv", "ffcv")}.items():
-        try:
-            require(module, kind, extra)
-            kinds.append(kind)
-        except LoaderUnavailable:
-            pass
-    return kinds + [k for k in KINDS if k not in ("dali", "ffcv")]
-
-
 def run_part(part: str, suite: Suite, work: Path, results: Path, console: Console) -> None:
     """Runs one part; raises if any of its measurements failed (after the others ran and were recorded)."""
+    # every loader kind (the benchmarks' default): one whose library does not import here is skipped, with the
+    # reason, by the benchmark itself (pipelines raise LoaderUnavailable; importing ffcv loads its C part)
     common = ("--device", suite.device, "--results", str(results))
-    kinds = ("--kinds", *kinds_available())
     codes = []
     if part == "data":
         build_data(suite, work, console)
     elif part == "loaders":
         for resolution in suite.resolutions:
-            codes.append(loaders_bench.main(["--data", str(dataset(work, resolution)), *kinds, *common,
+            codes.append(loaders_bench.main(["--data", str(dataset(work, resolution)), *common,
                                              "--workers", str(max(suite.scaling_workers)), *suite.loader_args]))
         # the two-view (SimCLR) augmentation, on the data the training part reads
-        codes.append(loaders_bench.main(["--data", str(dataset(work, suite.train_resolution)), *kinds, *common,
+        codes.append(loaders_bench.main(["--data", str(dataset(work, suite.train_resolution)), *common,
                                          "--views", "2", "--workers", str(max(suite.scaling_workers)),
                                          *suite.loader_args]))
     elif part == "scaling":
-        codes.append(loaders_bench.main(["--data", str(dataset(work, suite.scaling_resolution)), *kinds, *common,
+        codes.append(loaders_bench.main(["--data", str(dataset(work, suite.scaling_resolution)), *common,
                                          "--workers", *map(str, suite.scaling_workers), *suite.loader_args]))
     elif part == "train":
         data = ("--data", str(dataset(work, suite.train_resolution)))
-        codes.append(train_bench.main([*data, *kinds, *common, "--profile", str(work / "profiles"),
+        codes.append(train_bench.main([*data, *common, "--profile", str(work / "profiles"),
                                        *suite.train_args]))
         # SimCLR: two views per image through the same model; at the supervised run's batch, no profile
-        codes.append(train_bench.main([*data, *kinds, *common, "--objective", "simclr", *suite.train_args]))
+        codes.append(train_bench.main([*data, *common, "--objective", "simclr", *suite.train_args]))
     elif part == "convert":
         codes.append(convert_bench.main([*suite.convert_args, "--results", str(results)]))
     if any(codes):

@@ -29,13 +29,16 @@ def load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def find(resume: str) -> Path:
-    """--resume takes a run directory or a checkpoint file."""
-    path = Path(resume)
+def find(given: str, flag: str = "--resume", names: tuple[str, ...] = (LAST,)) -> Path:
+    """`given` is a checkpoint file, or a run directory: its checkpoints/<the first of `names` that exists>.
+    --resume takes last.pt; --init prefers best.pt, then last.pt."""
+    path = Path(given)
     if path.is_dir():
-        path = path / "checkpoints" / LAST
+        candidates = [path / "checkpoints" / name for name in names]
+        path = next((c for c in candidates if c.is_file()), candidates[-1])
     if not path.is_file():
-        raise FileNotFoundError(f"--resume {resume}: no checkpoint at {path}")
+        raise FileNotFoundError(f"{flag} {given}: no checkpoint at {path} (pass a .pt file from a run's "
+                                "checkpoints/ or the run directory)")
     return path
 
 

@@ -147,7 +147,7 @@ def build_model(config: Config, objective: Objective, num_classes: int, dist: Di
                 console: Console) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
     """The network the objective trains (training/objectives.py), with --init's backbone loaded into it (not on
     a resume: the checkpoint holds the weights) and --finetune / --freeze-blocks applied. Raises ConfigError
-    (TransferError) for a checkpoint or freezing that does not fit."""
+    (TransferError) for a checkpoint or freezing that does not fit, FileNotFoundError for a missing --init."""
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     network = build_network(config, objective, num_classes, sync_bn=dist.world_size > 1 and dist.device.type == "cuda")
     if config.model.init and saved is None:

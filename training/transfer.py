@@ -9,7 +9,6 @@ shape, is an error: it means another architecture (model.name, model.kwargs or t
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,18 +21,6 @@ class TransferError(ConfigError):
     """A checkpoint that does not fit the model, or freezing that the model does not allow."""
 
 
-def find_init(init: str) -> Path:
-    """--init takes a checkpoint file or a run directory (its checkpoints/best.pt, else last.pt)."""
-    path = Path(init)
-    if path.is_dir():
-        best, last = path / "checkpoints" / checkpoint.BEST, path / "checkpoints" / checkpoint.LAST
-        path = best if best.is_file() else last
-    if not path.is_file():
-        raise TransferError(f"--init {init}: no checkpoint at {path} (pass a .pt file from a run's checkpoints/ "
-                            "or the run directory)")
-    return path
-
-
 def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
     """The key prefixes of a timm model's classifier ('head.' for ViTs, 'fc.' for ResNets)."""
     names = getattr(model, "pretrained_cfg", {}).get("classifier") or "head"
@@ -43,7 +30,7 @@ def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
 def load_backbone(model: nn.Module, init: str, say) -> dict:
     """Loads the backbone weights of checkpoint `init` into the timm model `model`, keeping `model`'s own
     (freshly initialized) classifier unless the checkpoint's has the same shape. Returns what was dropped."""
-    path = find_init(init)
+    path = checkpoint.find(init, "--init", (checkpoint.BEST, checkpoint.LAST))
     try:
         saved = checkpoint.load(path)
     except Exception as e:  # pickle, zip or weights_only errors: all mean "not one of our checkpoints"
