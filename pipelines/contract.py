@@ -4,7 +4,12 @@
 - `__iter__` yielding `(images, labels)`: images B x 3 x H x W on `device`, channels_last, normalized with the
   ImageNet mean and std, in `dtype`; labels int64 on `device`;
 - `__len__`: batches per epoch (per rank);
-- `set_epoch(epoch)`: reshuffles (train) for that epoch.
+- `set_epoch(epoch, start_batch=0)`: the next iteration yields batches `start_batch`, `start_batch + 1`, ...
+  of `epoch`: the same samples in the same order (and, where the loader is seeded, the same pixels) that an
+  uninterrupted epoch yields from there. They are found by seeking, not by reading the batches before them, so a
+  run resumed at 90 % of an ImageNet epoch starts as fast as one at its start. `len()` stays the full epoch.
+  Iterating again without a new `set_epoch` repeats that epoch from `start_batch`.
+- No host-device sync per batch: constants live on the device, made once; counters stay on the device.
 
 Train: random-resized-crop with torchvision's ranges, then a horizontal flip with p = 0.5.
 Eval: resize the shorter side to image_size / 0.875, then center-crop; every sample once per epoch across ranks.
@@ -48,7 +53,7 @@ VIEWS = (1, 2)
 class Loader(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]]: ...
     def __len__(self) -> int: ...
-    def set_epoch(self, epoch: int) -> None: ...
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None: ...
 
 
 class LoaderUnavailable(ImportError):
@@ -128,6 +133,13 @@ def normalize(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1) * scale
     out = (images.float() - mean) / std
     return out.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+def check_start_batch(start_batch: int, batches: int) -> int:
+    """set_epoch's start_batch must fall inside the epoch (the end itself is allowed: an empty iteration)."""
+    if not 0 <= start_batch <= batches:
+        raise ValueError(f"start_batch {start_batch} is outside the epoch's {batches} batches")
+    return start_batch
 
 
 def rank_indices(n: int, *, rank: int, world_size: int, train: bool, seed: int, epoch: int) -> np.ndarray:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .contract import NoOptions, batches_per_epoch, parse_options, rank_indices
+from .contract import NoOptions, batches_per_epoch, check_start_batch, parse_options, rank_indices
 from .formats.manifest import load_manifest, split_info
 
 
@@ -26,15 +26,16 @@ class SyntheticLoader:
         self.images = images[0] if views == 1 else images  # a tuple of views, as the contract says
         self.labels = labels.to(device)
         self.batches = batches
+        self.start_batch = 0
 
     def __len__(self) -> int:
         return self.batches
 
-    def set_epoch(self, epoch: int) -> None:
-        pass  # nothing to shuffle
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.start_batch = check_start_batch(start_batch, self.batches)  # nothing to shuffle
 
     def __iter__(self):
-        for _ in range(self.batches):
+        for _ in range(self.start_batch, self.batches):
             yield self.images, self.labels
 
 

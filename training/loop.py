@@ -86,9 +86,10 @@ def train_epoch(step: Step, batches, state: TrainState, *, world_size: int, log_
     for module in step.frozen:  # a frozen backbone must not update BN statistics or drop out
         module.eval()
     steps = len(batches)
+    # A resumed run starts at the batch it stopped before: the loader seeks there (set_epoch's start_batch), so
+    # none of the batches trained before the stop is read again.
+    batches.set_epoch(state.epoch, start_batch=state.batch)
     iterator = iter(batches)
-    for _ in range(state.batch):  # a resumed run: skip what was trained before the stop (read, not trained)
-        next(iterator)
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), device=device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)

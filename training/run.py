@@ -235,7 +235,6 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
     start = time.perf_counter()
     log.start(epochs=config.train.epochs, steps=len(train_batches), state=state)
     while state.epoch < config.train.epochs:
-        train_batches.set_epoch(state.epoch)
         try:
             finished = train_epoch(step, train_batches, state, world_size=dist.world_size,
                                    log_every=config.train.log_every, log=log.train, progress=log.progress,
