@@ -3,13 +3,18 @@
 DALI returns HWC batches; `permute(0, 3, 1, 2)` turns them into NCHW tensors that are channels_last with no
 copy. For bf16 DALI emits fp16 (half the bytes of fp32; DALI has no bf16) and torch converts it on the GPU.
 
-Epochs: each train epoch gets a fresh pipeline seeded with (seed, epoch) that reads shard
-(rank + epoch) % world_size. A pipeline that ran on would let its shuffle buffer carry samples across the epoch
-boundary, so an epoch would depend on the ones before it and a resumed run would read other samples than an
-uninterrupted one. The rebuild costs one pipeline build and a buffer fill per epoch (seconds, against minutes
-for an ImageNet epoch). Each epoch yields the same number of batches on every rank (DDP steps in lockstep).
-Eval reads shards that stick to their rank and pads the last batch; the iterator drops the padding, so every
-sample counts exactly once across ranks; one pipeline serves every evaluation.
+Reader "index" (the default): one pipeline runs on from epoch to epoch. Its external source
+(dali_source.IndexedSource) makes each batch a function of its position alone, so the pipeline's prefetch fills
+the next epoch's first batches while this epoch's last ones train (an epoch start costs no more than a batch),
+and `set_epoch(epoch, start_batch)` that is not the continuation builds a new pipeline at that position (a resume
+at 90 % of an ImageNet epoch starts as fast as one at 0). Eval reads rank, rank + world_size, ... in stored order;
+its last batch is smaller, so every sample counts exactly once across ranks.
+
+Reader "webdataset": each train epoch gets a fresh pipeline seeded with (seed, epoch) that reads shard
+(rank + epoch) % world_size; a pipeline that ran on would let its shuffle buffer carry samples across the epoch
+boundary, so an epoch would depend on the ones before it. That reader cannot seek: a start_batch is reached by
+reading the batches before it. Eval reads shards that stick to their rank and pads the last batch; the
+iterator drops the padding; one pipeline serves every evaluation.
 """
 from __future__ import annotations
 
@@ -21,11 +26,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .contract import batches_per_epoch, default_workers, parse_options, require
+from .contract import batches_per_epoch, check_start_batch, default_workers, parse_options, rank_indices, require
 from .formats.manifest import RECONVERT, DatasetError, check_files, dali_shards, load_manifest, split_info
 
 # ImageNet's largest JPEG is about 6,000 px on a side; DALI's ResNet-50 example pre-sizes for 5,980 x 6,430.
 FULL_SIZE_SIDE = 6430
+READERS = ("index", "webdataset")
 
 
 def dali_seed(seed: int, epoch: int) -> int:
@@ -38,49 +44,80 @@ def shard_size(samples: int, shard_id: int, num_shards: int) -> int:
 
 
 class DaliLoader:
+    """`make_pipeline(at)` builds a pipeline: at a position (epoch x batches + batch; eval: the batch) for the
+    index reader, for an epoch for the webdataset reader (`seekable` False)."""
+
     def __init__(self, make_pipeline: Callable[[int], object], *, batches: int, train: bool, dtype: torch.dtype,
-                 where: str, views: int = 1):
-        self.make_pipeline, self.batches, self.train = make_pipeline, batches, train
+                 where: str, views: int = 1, seekable: bool = True):
+        self.make_pipeline, self.batches, self.train, self.seekable = make_pipeline, batches, train, seekable
         self.image_outputs = ["images"] if views == 1 else [f"view{v}" for v in range(views)]  # pipeline outputs
         self.dtype, self.where = dtype, where
-        self.epoch = 0
+        self.epoch = self.start_batch = 0
         self._iterator = None
-        self._at_epoch_start = False  # eval: the running pipeline was read to its end and reset
+        self._next = None  # the position the running pipeline yields next (None: no usable pipeline)
 
     def __len__(self) -> int:
         return self.batches
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, check_start_batch(start_batch, self.batches)
 
-    def _start(self, epoch: int):
+    def _start(self, at: int):
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         from .dali_pipeline import READER
         self._iterator = None  # frees the previous pipeline's buffers first
         with dali_errors(self.where):
-            self._iterator = DALIGenericIterator(
-                self.make_pipeline(epoch), [*self.image_outputs, "labels"], reader_name=READER,
-                last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
+            if self.seekable:  # an endless source: the iterator never ends an epoch, this wrapper counts
+                self._iterator = DALIGenericIterator(self.make_pipeline(at), [*self.image_outputs, "labels"])
+            else:
+                self._iterator = DALIGenericIterator(
+                    self.make_pipeline(at), [*self.image_outputs, "labels"], reader_name=READER,
+                    last_batch_policy=LastBatchPolicy.DROP if self.train else LastBatchPolicy.PARTIAL)
+
+    def _batch(self, out: dict):
+        images = tuple(out[name].permute(0, 3, 1, 2).to(self.dtype) for name in self.image_outputs)  # channels_last
+        return images[0] if len(images) == 1 else images, out["labels"].squeeze(1).long()
 
     def __iter__(self):
-        if self.batches == 0:  # this rank's share is smaller than a batch (DALI would report an empty pipeline)
+        if self.start_batch == self.batches:  # nothing left (or this rank's share is smaller than a batch)
             return
+        yield from (self._indexed() if self.seekable else self._sequential())
+
+    def _indexed(self):
+        wanted = (self.epoch * self.batches if self.train else 0) + self.start_batch
+        # eval repeats one order: any position with the same batch in the epoch continues it
+        running = self._next is not None and (self._next == wanted if self.train else
+                                              self._next % self.batches == wanted)
+        if not running:
+            self._next = None
+            self._start(wanted)
+            self._next = wanted
+        with dali_errors(self.where):
+            for _ in range(self.start_batch, self.batches):
+                try:
+                    (out,) = next(self._iterator)
+                except BaseException:
+                    self._next = None  # the pipeline's state is unknown: the next iteration builds a new one
+                    raise
+                self._next += 1
+                yield self._batch(out)
+
+    def _sequential(self):
         # Train: a fresh pipeline per epoch (module docstring). Eval has no randomness: one pipeline serves every
         # evaluation, unless the last one was left mid-epoch.
-        if self.train or not self._at_epoch_start:
+        if self.train or self._next != 0:
             self._start(self.epoch if self.train else 0)
-        iterator, self._at_epoch_start = self._iterator, False
+        iterator, self._next = self._iterator, None
         with dali_errors(self.where):
             for step, (out,) in enumerate(iterator):
-                if step == self.batches:  # a rank whose shard is one sample longer: skip its extra batch
+                if step >= self.batches:  # a rank whose shard is one sample longer: skip its extra batch
                     continue
-                # NHWC memory, NCHW shape: channels_last
-                images = tuple(out[name].permute(0, 3, 1, 2).to(self.dtype) for name in self.image_outputs)
-                yield images[0] if len(images) == 1 else images, out["labels"].squeeze(1).long()
+                if step >= self.start_batch:  # this reader cannot seek: the batches before are read and dropped
+                    yield self._batch(out)
         iterator.reset()
-        self._at_epoch_start = True
+        self._next = 0
 
 
 @contextmanager
@@ -105,8 +142,10 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
           dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None,
           options: dict | None = None, views: int = 1) -> DaliLoader:
     require("nvidia.dali", "dali", "dali")
-    from .dali_pipeline import DaliOptions, eval_pipeline, train_pipeline, two_view_pipeline
-    opts = parse_options(DaliOptions, "dali", options)
+    from . import dali_pipeline as graphs
+    opts = parse_options(graphs.DaliOptions, "dali", options)
+    if opts.reader not in READERS:
+        raise ValueError(f"option 'reader' of the 'dali' loader must be one of {', '.join(READERS)}, got {opts.reader!r}")
     manifest = load_manifest(data)
     shards = dali_shards(data, manifest, split)
     check_files(data, manifest, [path for pair in shards for path in pair])
@@ -116,22 +155,47 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
     gpu = device.type == "cuda"
     device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
     max_side = manifest["settings"]["max_resolution"]
-    preallocate = opts.preallocate_side or (max_side if max_side else FULL_SIZE_SIDE)
-    threads = default_workers(world_size) if workers is None else max(1, workers)  # 0: DALI needs a thread
-    definition = two_view_pipeline if views == 2 else train_pipeline if train else eval_pipeline
+    common = dict(image_size=image_size, gpu=gpu, half=dtype in (torch.float16, torch.bfloat16), options=opts,
+                  preallocate_side=opts.preallocate_side or (max_side if max_side else FULL_SIZE_SIDE),
+                  batch_size=batch_size, num_threads=default_workers(world_size) if workers is None else max(1, workers),
+                  device_id=device_id, prefetch_queue_depth=opts.prefetch_queue_depth)  # workers 0: DALI needs a thread
+    where = f"split '{split}' of {data} ({len(shards)} shards in {shards[0][0].parent})"
+    if opts.reader == "index":
+        return _indexed(shards, samples, train=train, views=views, rank=rank, world_size=world_size, seed=seed,
+                        dtype=dtype, where=where, common=common)
+    definition = graphs.two_view_pipeline if views == 2 else graphs.train_pipeline if train else graphs.eval_pipeline
+    pipeline_shards = [(str(t), str(i)) for t, i in shards]
 
     def make_pipeline(epoch: int):
-        pipeline = definition(
-            [(str(t), str(i)) for t, i in shards], image_size=image_size, gpu=gpu,
-            half=dtype in (torch.float16, torch.bfloat16), shard_id=(rank + epoch) % world_size,
-            num_shards=world_size, options=opts, preallocate_side=preallocate,
-            batch_size=batch_size, num_threads=threads, device_id=device_id,
-            prefetch_queue_depth=opts.prefetch_queue_depth, seed=dali_seed(seed, epoch))
+        pipeline = definition(pipeline_shards, shard_id=(rank + epoch) % world_size, num_shards=world_size,
+                              seed=dali_seed(seed, epoch), **common)
         pipeline.build()
         return pipeline
 
     # Train: every rank runs as many steps as the smallest shard allows; eval: this rank's shard, padded.
     per_rank = samples // world_size if train else shard_size(samples, rank, world_size)
     return DaliLoader(make_pipeline, batches=batches_per_epoch(per_rank, batch_size, train), train=train,
-                      dtype=dtype, where=f"split '{split}' of {data} ({len(shards)} shards in {shards[0][0].parent})",
-                      views=views)
+                      dtype=dtype, where=where, views=views, seekable=False)
+
+
+def _indexed(shards, samples: int, *, train: bool, views: int, rank: int, world_size: int, seed: int,
+             dtype: torch.dtype, where: str, common: dict) -> DaliLoader:
+    from . import dali_pipeline as graphs
+    from .dali_source import IndexedSource, Plan
+    per_rank = len(rank_indices(samples, rank=rank, world_size=world_size, train=train, seed=seed, epoch=0))
+    batches = batches_per_epoch(per_rank, common["batch_size"], train)
+    try:
+        source = IndexedSource(shards, Plan(samples=samples, batch_size=common["batch_size"], batches=batches,
+                                            train=train, seed=seed, rank=rank, world_size=world_size), views=views)
+    except (ValueError, KeyError) as e:  # an index that does not parse
+        raise DatasetError(f"{where}: {e}; {RECONVERT}") from None
+    definition = graphs.indexed_two_view_pipeline if views == 2 else \
+        graphs.indexed_train_pipeline if train else graphs.indexed_eval_pipeline
+
+    def make_pipeline(position: int):
+        source.start = position
+        pipeline = definition(source, seed=dali_seed(seed, 0), **common)  # no random operator: the seed is unused
+        pipeline.build()
+        return pipeline
+
+    return DaliLoader(make_pipeline, batches=batches, train=train, dtype=dtype, where=where, views=views)

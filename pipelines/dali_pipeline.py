@@ -1,5 +1,14 @@
 """DALI pipeline definitions (the graph), kept apart from the PyTorch wrapper in dali_loader.py, as DALI's
-EfficientNet example does. Every random operator draws from the pipeline's seed (dali_loader: seed, epoch).
+EfficientNet example does.
+
+Two ways in (DaliOptions.reader):
+- "index" (the default): an external source (dali_source.IndexedSource) hands the graph each batch's JPEG bytes
+  and labels, in the contract's per-epoch order, with every random draw of the augmentation made on the host
+  from (seed, epoch, rank, batch): the crop window, the flip and, for two views, the colour and blur parameters.
+  The graph has no random operator, so a batch depends only on its position: the loader can seek and run on
+  across epochs (`indexed_*` definitions).
+- "webdataset": DALI's webdataset reader, sequential reads with a shuffle buffer, for storage where random
+  access is slow; every random operator draws from the pipeline's seed (dali_loader: seed, epoch).
 
 The same definition runs on the GPU (decode on `mixed`: nvJPEG plus the H100's hardware JPEG decoder; resize,
 flip and normalize on `gpu`) and, with `device_id=None`, on CPU operators, so the tests run the real graph.
@@ -24,8 +33,11 @@ READER = "reader"  # the reader's name: the iterator asks it for the epoch size 
 @dataclass(frozen=True)
 class DaliOptions:
     """The knobs that matter for speed (README, "DALI loader"). `workers` sets DALI's CPU threads."""
+    # "index": the contract's order read by index (seekable, a global shuffle every epoch, no shuffle buffer);
+    # "webdataset": sequential shard reads through a shuffle buffer (for storage where random reads are slow)
+    reader: str = "index"
     prefetch_queue_depth: int = 2  # batches the pipeline runs ahead of the trainer
-    shuffle_buffer: int = 4096  # train: samples the reader draws from at random (~160 MB of 40 KB JPEGs at 512 px)
+    shuffle_buffer: int = 4096  # webdataset reader, train: samples the reader draws from at random (~160 MB of 40 KB JPEGs at 512 px)
     # Share of the batch the H100's hardware JPEG decoder (NVJPG) takes; nvJPEG's CUDA decoder does the rest.
     # DALI's own default is 0.65; benchmarks/loaders.py --dali-hw-load sweeps it.
     hw_decoder_load: float = 0.65
@@ -130,3 +142,63 @@ def _simclr_view(images, *, image_size: int, gpu: bool, half: bool):
         view = fn.gaussian_blur(view, device=device, window_size=blur_kernel_size(image_size),
                                 sigma=fn.random.uniform(range=list(SSL_BLUR_SIGMA)))
     return _normalize(view, gpu=gpu, half=half, mirror=fn.random.coin_flip(probability=SSL_FLIP_P))
+
+
+# the rest are FLOAT; image_slice takes an absolute window as integers
+_SOURCE_TYPES = {"jpegs": types.UINT8, "labels": types.INT32, "crop_start": types.INT32, "crop_shape": types.INT32,
+                 "mirror": types.INT32, "blur": types.BOOL}
+
+
+def _external(source):
+    """One DataNode per IndexedSource output (source.outputs), by name."""
+    nodes = fn.external_source(source=source, num_outputs=len(source.outputs), batch=True, batch_info=True,
+                               dtype=[_SOURCE_TYPES.get(name.rstrip("01"), types.FLOAT) for name in source.outputs])
+    return dict(zip(source.outputs, nodes))
+
+
+@pipeline_def(enable_conditionals=False)
+def indexed_train_pipeline(source, *, image_size: int, gpu: bool, half: bool, options: DaliOptions,
+                           preallocate_side: int):
+    """The host's crop window decoded alone (ROI decode: only the crop's pixels), resized, mirrored by the
+    host's coin."""
+    data = _external(source)
+    images = fn.decoders.image_slice(data["jpegs"], start=data["crop_start"], shape=data["crop_shape"],
+                                     axis_names="WH", output_type=types.RGB,
+                                     **_decoder_args(gpu, options, preallocate_side))
+    images = fn.resize(images, device="gpu" if gpu else "cpu", resize_x=image_size, resize_y=image_size,
+                       interp_type=types.INTERP_LINEAR, antialias=True)
+    images = _normalize(images, gpu=gpu, half=half, mirror=data["mirror"])
+    return images, data["labels"].gpu() if gpu else data["labels"]
+
+
+@pipeline_def(enable_conditionals=False)
+def indexed_eval_pipeline(source, *, image_size: int, gpu: bool, half: bool, options: DaliOptions,
+                          preallocate_side: int):
+    """eval_pipeline's resize and center crop, fed in the contract's order (the last batch may be smaller)."""
+    data = _external(source)
+    images = fn.decoders.image(data["jpegs"], output_type=types.RGB, **_decoder_args(gpu, options, preallocate_side))
+    images = fn.resize(images, device="gpu" if gpu else "cpu", resize_shorter=eval_resize(image_size),
+                       interp_type=types.INTERP_LINEAR, antialias=True)
+    images = _normalize(images, gpu=gpu, half=half, crop=image_size)
+    return images, data["labels"].gpu() if gpu else data["labels"]
+
+
+@pipeline_def(enable_conditionals=True)  # the blur runs only on the views whose host coin says so
+def indexed_two_view_pipeline(source, *, image_size: int, gpu: bool, half: bool, options: DaliOptions,
+                              preallocate_side: int):
+    """Two SimCLR views per sample from one full decode, each view's crop, colour, blur and flip drawn on the
+    host (dali_source.simclr_colour)."""
+    data = _external(source)
+    images = fn.decoders.image(data["jpegs"], output_type=types.RGB, **_decoder_args(gpu, options, preallocate_side))
+    device = "gpu" if gpu else "cpu"
+    views = []
+    for v in range(2):
+        view = fn.resize(images, device=device, size=[image_size, image_size], roi_start=data[f"roi_start{v}"],
+                         roi_end=data[f"roi_end{v}"], interp_type=types.INTERP_LINEAR, antialias=True)
+        view = fn.color_twist(view, device=device, brightness=data[f"brightness{v}"],
+                              contrast=data[f"contrast{v}"], saturation=data[f"saturation{v}"], hue=data[f"hue{v}"])
+        if data[f"blur{v}"]:
+            view = fn.gaussian_blur(view, device=device, window_size=blur_kernel_size(image_size),
+                                    sigma=data[f"sigma{v}"])
+        views.append(_normalize(view, gpu=gpu, half=half, mirror=data[f"mirror{v}"]))
+    return views[0], views[1], data["labels"].gpu() if gpu else data["labels"]

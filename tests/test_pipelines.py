@@ -240,11 +240,12 @@ def test_train_ranks_step_in_lockstep(converted, kind):
 
 
 def test_dali_train_ranks_with_uneven_shards_step_in_lockstep(converted):
-    """Only DALI splits a split by its own shards (sizes 6, 7, 7 here) instead of rank_indices: the ranks
-    with a longer shard must not take an extra step, in this epoch or the next ones."""
+    """Only DALI's webdataset reader splits a split by its own shards (sizes 6, 7, 7 here) instead of
+    rank_indices: the ranks with a longer shard must not take an extra step, in this epoch or the next ones."""
     n = converted[1]["splits"]["holdout"]["samples"]
     for rank in range(3):
-        batches = loader(converted[0], "dali", "holdout", rank=rank, world_size=3, batch_size=2)
+        batches = loader(converted[0], "dali", "holdout", rank=rank, world_size=3, batch_size=2,
+                         options={"reader": "webdataset"})
         assert len(batches) == (n // 3) // 2
         for epoch in range(3):
             batches.set_epoch(epoch)
@@ -410,7 +411,7 @@ DAMAGE = [  # kind, split, damage, what the message must say
                  [r"shard-000001\.tar.*truncated"], id="torchvision-truncated-tar"),
     pytest.param("ffcv", "train", lambda out: truncate(out / "ffcv/train.beton"), [r"train\.beton: .*\(truncated"],
                  id="ffcv-truncated-beton"),
-    pytest.param("dali", "val", idx_overwritten, ["Malformed index", r"shard-000000\.idx", "verify_dataset"],
+    pytest.param("dali", "val", idx_overwritten, [r"shard-000000\.idx: line 1", "verify_dataset"],
                  id="dali-overwritten-idx"),
     pytest.param("torchvision", "val", idx_overwritten,
                  [r"shard-000000\.idx", "verify_dataset"], id="torchvision-overwritten-idx"),
@@ -448,8 +449,9 @@ def test_a_missing_library_names_the_extra_to_install(converted, monkeypatch, ki
 
 
 @pytest.mark.parametrize("kind,options,message", [
-    ("dali", {"threads": 4}, "unknown option 'threads' for the 'dali' loader; known: prefetch_queue_depth, "
+    ("dali", {"threads": 4}, "unknown option 'threads' for the 'dali' loader; known: reader, prefetch_queue_depth, "
                              "shuffle_buffer, hw_decoder_load, preallocate_side"),
+    ("dali", {"reader": "tar"}, "option 'reader' of the 'dali' loader must be one of index, webdataset, got 'tar'"),
     ("ffcv", {"threads": 4}, "unknown option 'threads' for the 'ffcv' loader; known: batches_ahead, os_cache, order"),
     ("torchvision", {"prefetch_factor": 4}, "unknown option 'prefetch_factor' for the 'torchvision' loader"),
     ("synthetic", {"prefetch_queue_depth": 2}, "unknown option 'prefetch_queue_depth' for the 'synthetic' loader"),
@@ -470,6 +472,7 @@ def test_ffcv_quasi_random_order_over_ranks_needs_torch_distributed(converted):
 
 
 @pytest.mark.parametrize("kind,options", [("dali", {"hw_decoder_load": 1, "prefetch_queue_depth": 1}),
+                                          ("dali", {"reader": "webdataset", "prefetch_queue_depth": 1}),
                                           ("ffcv", {"batches_ahead": 2, "os_cache": False})])
 def test_good_options_are_accepted(converted, kind, options):
     """An int for a float option is fine. FFCV is only built (its first epoch would compile)."""

@@ -1,0 +1,155 @@
+"""What the `dali` loader feeds its graph, batch by batch, when it reads by index (DaliOptions.reader "index",
+the default): the JPEG bytes and labels of the contract's per-epoch order (contract.rank_indices, the order every
+other loader reads), and every random draw of the augmentation, made on the host from (seed, epoch, rank, batch).
+
+A batch is therefore a pure function of its position in the run (epoch x batches per epoch + batch), which is
+what makes the loader seekable: a pipeline built at any position yields what an uninterrupted one yields there,
+and one pipeline can run on across epoch boundaries (its prefetch fills the next epoch's first batches while
+the last ones of this epoch train), since nothing carries over from one epoch to the next. The webdataset
+reader has neither property: its shuffle buffer's state depends on everything read before.
+
+Cost on the host, per sample: one pread (the JPEG, its class and label members are adjacent in the tar: one read
+covers all three), a JPEG header parse the first time a sample is seen (its size, kept for later epochs; the
+crop needs it), and a share of the batch's vectorized draws.
+"""
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from .contract import (CROP_RATIO, CROP_SCALE, SSL_BLUR_P, SSL_BLUR_SIGMA, SSL_BRIGHTNESS, SSL_CONTRAST,
+                       SSL_FLIP_P, SSL_GRAY_P, SSL_HUE, SSL_JITTER_P, SSL_SATURATION, rank_indices)
+from .formats.files import pread_exact
+from .formats.manifest import RECONVERT, DatasetError
+from .formats.webdataset import ShardReader
+
+CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop: draws before it falls back to a center crop
+
+
+def random_resized_crops(rng: np.random.Generator, widths: np.ndarray, heights: np.ndarray,
+                         scale=CROP_SCALE, ratio=CROP_RATIO) -> np.ndarray:
+    """torchvision's RandomResizedCrop.get_params for a batch at once: n x (x, y, w, h) in pixels. Up to 10
+    draws of an area share in `scale` and a log-uniform aspect ratio in `ratio`; the first that fits the image
+    is kept, else the whole image clamped to the ratio range, centred."""
+    n = len(widths)
+    w_img, h_img = widths[:, None].astype(np.float64), heights[:, None].astype(np.float64)
+    area = w_img * h_img * rng.uniform(scale[0], scale[1], (n, CROP_ATTEMPTS))
+    aspect = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (n, CROP_ATTEMPTS)))
+    w, h = np.round(np.sqrt(area * aspect)), np.round(np.sqrt(area / aspect))
+    fits = (w > 0) & (h > 0) & (w <= w_img) & (h <= h_img)
+    first = fits.argmax(axis=1)
+    rows = np.arange(n)
+    w, h = w[rows, first], h[rows, first]
+    # the fallback (no draw fits): the whole image, narrowed to the nearest allowed aspect ratio
+    w_img, h_img = w_img[:, 0], h_img[:, 0]
+    in_ratio = w_img / h_img
+    fw = np.where(in_ratio < ratio[0], w_img, np.where(in_ratio > ratio[1], np.round(h_img * ratio[1]), w_img))
+    fh = np.where(in_ratio < ratio[0], np.round(w_img / ratio[0]), h_img)
+    found = fits.any(axis=1)
+    w, h = np.where(found, w, fw), np.where(found, h, fh)
+    position = rng.random((n, 2))
+    x = np.where(found, np.floor(position[:, 0] * (w_img - w + 1)), (w_img - w) // 2)
+    y = np.where(found, np.floor(position[:, 1] * (h_img - h + 1)), (h_img - h) // 2)
+    return np.stack([x, y, w, h], axis=1).astype(np.float32)
+
+
+def simclr_colour(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """The colour draws of one SimCLR view per sample (contract.SSL_*), as DALI's color_twist and gaussian_blur
+    take them: factors of 1 and a hue of 0 where the jitter's coin says no, saturation 0 for grayscale. DALI's
+    hue is in degrees, torchvision's in turns (0.1 = 36 degrees)."""
+    jitter = rng.random(n) < SSL_JITTER_P
+
+    def factor(strength: float) -> np.ndarray:  # torchvision's ColorJitter: uniform in [1 - s, 1 + s]
+        return np.where(jitter, rng.uniform(1 - strength, 1 + strength, n), 1.0).astype(np.float32)
+    brightness, contrast, saturation = factor(SSL_BRIGHTNESS), factor(SSL_CONTRAST), factor(SSL_SATURATION)
+    hue = np.where(jitter, rng.uniform(-360 * SSL_HUE, 360 * SSL_HUE, n), 0.0).astype(np.float32)
+    gray = rng.random(n) < SSL_GRAY_P
+    return {"brightness": brightness, "contrast": contrast, "saturation": np.where(gray, 0, saturation)
+            .astype(np.float32), "hue": hue, "blur": rng.random(n) < SSL_BLUR_P,
+            "sigma": rng.uniform(*SSL_BLUR_SIGMA, n).astype(np.float32)}
+
+
+# The per-sample outputs of IndexedSource, in order, for each kind of graph.
+TRAIN_OUTPUTS = ("jpegs", "labels", "crop_start", "crop_shape", "mirror")
+EVAL_OUTPUTS = ("jpegs", "labels")
+VIEW_OUTPUTS = ("roi_start", "roi_end", "mirror", "brightness", "contrast", "saturation", "hue", "blur", "sigma")
+TWO_VIEW_OUTPUTS = ("jpegs", "labels") + tuple(f"{name}{v}" for v in range(2) for name in VIEW_OUTPUTS)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where a pipeline starts and how positions map to samples: position p is batch p % batches of epoch
+    p // batches (eval: every epoch reads the same order, so only the batch matters)."""
+    samples: int  # in the split
+    batch_size: int
+    batches: int  # per epoch, this rank
+    train: bool
+    seed: int
+    rank: int
+    world_size: int
+
+
+class IndexedSource:
+    """DALI's external source (batch mode, batch_info=True): BatchInfo.iteration i is position start + i, where
+    `start` is set by the loader before it builds a pipeline on this source. Called from the thread that runs
+    the pipeline, in order; it never ends (the loader counts the batches). One source serves every pipeline the
+    loader builds, so the index is parsed once and the image sizes it has seen are kept."""
+
+    def __init__(self, shards: list[tuple[Path, Path]], plan: Plan, *, views: int):
+        self.reader = ShardReader(shards)
+        self.plan, self.views, self.start = plan, views, 0
+        self.outputs = TWO_VIEW_OUTPUTS if views == 2 else TRAIN_OUTPUTS if plan.train else EVAL_OUTPUTS
+        self.sizes = np.full((len(self.reader), 2), -1, dtype=np.int64)  # (width, height), -1: not seen yet
+        self._order = (None, None)  # (epoch, this rank's indices): one permutation per epoch, not per batch
+
+    def indices(self, epoch: int, batch: int) -> np.ndarray:
+        plan = self.plan
+        if self._order[0] != epoch:
+            self._order = (epoch, rank_indices(plan.samples, rank=plan.rank, world_size=plan.world_size,
+                                               train=plan.train, seed=plan.seed, epoch=epoch))
+        return self._order[1][batch * plan.batch_size:(batch + 1) * plan.batch_size]
+
+    def read(self, i: int) -> tuple[np.ndarray, int]:
+        """Sample i's JPEG bytes and label, in one pread: the label member follows the JPEG in the tar."""
+        shard, offset, size, label_offset = (int(v) for v in self.reader.rows[i])
+        try:
+            blob = pread_exact(self.reader.tars[shard], offset, label_offset + 4 - offset)
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"{self.reader.where(i)}: {e}; {RECONVERT}") from None
+        return np.frombuffer(blob, dtype=np.uint8, count=size), struct.unpack_from("<i", blob, label_offset - offset)[0]
+
+    def size(self, i: int, jpeg: np.ndarray) -> np.ndarray:
+        if self.sizes[i, 0] < 0:
+            try:
+                self.sizes[i] = Image.open(io.BytesIO(jpeg.tobytes())).size  # the header only
+            except (OSError, UnidentifiedImageError) as e:
+                raise DatasetError(f"{self.reader.where(i)}: not a readable JPEG ({e}); {RECONVERT}") from None
+        return self.sizes[i]
+
+    def __call__(self, info) -> tuple:
+        plan = self.plan
+        position = self.start + info.iteration
+        epoch, batch = (position // plan.batches, position % plan.batches) if plan.train else (0, position % plan.batches)
+        indices = self.indices(epoch, batch)
+        jpegs, labels = zip(*(self.read(int(i)) for i in indices))
+        out = {"jpegs": list(jpegs), "labels": np.array(labels, dtype=np.int32).reshape(-1, 1)}
+        if plan.train:
+            sizes = np.stack([self.size(int(i), jpeg) for i, jpeg in zip(indices, jpegs)])
+            rng = np.random.default_rng([plan.seed, epoch, plan.rank, batch])
+            for view in range(self.views):
+                crops = random_resized_crops(rng, sizes[:, 0], sizes[:, 1])
+                mirror = (rng.random(len(indices)) < SSL_FLIP_P).astype(np.int32)
+                if self.views == 1:
+                    out |= {"crop_start": crops[:, :2].astype(np.int32), "crop_shape": crops[:, 2:].astype(np.int32),
+                            "mirror": mirror}
+                    continue
+                y_x = crops[:, [1, 0]]  # fn.resize's ROI follows the tensor's shape order: (y, x)
+                colour = simclr_colour(rng, len(indices))
+                out |= {f"{name}{view}": value for name, value in
+                        {"roi_start": y_x, "roi_end": y_x + crops[:, [3, 2]], "mirror": mirror, **colour}.items()}
+        return tuple(out[name] if name == "jpegs" else np.ascontiguousarray(out[name]) for name in self.outputs)

@@ -1,0 +1,146 @@
+"""The dali loader's index reader (dali_source.py, the indexed_* graphs): torchvision's crop semantics drawn on
+the host, the graph cutting exactly the host's windows, one pipeline across epochs, and seeking."""
+import io
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("nvidia.dali")
+
+from pipelines import build_loader, dali_source  # noqa: E402
+from pipelines.contract import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from pipelines.formats.manifest import dali_shards, load_manifest  # noqa: E402
+
+CPU = torch.device("cpu")
+SIZE, BATCH = 64, 16
+
+
+def dali(data, split="train", train=True, **kw):
+    args = dict(batch_size=BATCH, image_size=SIZE, train=train, device=CPU, workers=2, seed=5) | kw
+    return build_loader("dali", data, split, **args)
+
+
+def epoch(batches, epoch_, start=0):
+    batches.set_epoch(epoch_, start)
+    return [(tuple(v.clone() for v in images) if isinstance(images, tuple) else images.clone(), labels.clone())
+            for images, labels in batches]
+
+
+def test_crops_follow_torchvision_random_resized_crop():
+    """Same ranges and the same distribution as torchvision's get_params: for a 500 x 375 image the mean area
+    share of 4,000 crops agrees within 0.02 (0.08-1 uniform, less the rejected draws); an image too narrow for
+    any allowed ratio falls back to its centre, narrowed to the ratio range."""
+    from torchvision.transforms import RandomResizedCrop
+    rng = np.random.default_rng(0)
+    n = 4000
+    crops = dali_source.random_resized_crops(rng, np.full(n, 500), np.full(n, 375))
+    x, y, w, h = crops.T
+    assert (x >= 0).all() and (y >= 0).all() and (x + w <= 500).all() and (y + h <= 375).all() and (w > 0).all()
+    assert (w / h).min() >= 0.74 and (w / h).max() <= 1.35
+    torch.manual_seed(0)
+    reference = [RandomResizedCrop.get_params(torch.empty(3, 375, 500), (0.08, 1.0), (3 / 4, 4 / 3)) for _ in range(n)]
+    ref_share = np.mean([ch * cw for _, _, ch, cw in reference]) / (500 * 375)
+    assert abs((w * h).mean() / (500 * 375) - ref_share) < 0.02
+    thin = dali_source.random_resized_crops(rng, np.array([1000]), np.array([10]))
+    assert thin.tolist() == [[493, 0, 13, 10]]  # torchvision: h = 10, w = round(10 x 4/3), centred
+
+
+def pil_crop(jpeg, x, y, w, h, mirror):
+    """The reference: PIL crops the window, resizes it with its antialiasing bilinear filter, flips, normalizes."""
+    image = Image.open(io.BytesIO(jpeg.tobytes())).convert("RGB").crop((x, y, x + w, y + h))
+    image = image.resize((SIZE, SIZE), Image.BILINEAR)
+    if mirror:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    array = (np.asarray(image, dtype=np.float32) / 255 - IMAGENET_MEAN) / IMAGENET_STD
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def source(data, views=1):
+    manifest = load_manifest(data)
+    n = manifest["splits"]["train"]["samples"]
+    plan = dali_source.Plan(samples=n, batch_size=BATCH, batches=n // BATCH, train=True, seed=5, rank=0, world_size=1)
+    return dali_source.IndexedSource(dali_shards(data, manifest, "train"), plan, views=views)
+
+
+def mean_error(images, references):
+    return float(torch.stack([(a - b).abs().mean() for a, b in zip(images, references)]).mean())
+
+
+def test_train_batch_is_the_host_window_decoded_and_resized(converted):
+    """Batch 3 of epoch 0 against PIL cutting the windows the host drew for it. A mean error of 0.1 (normalized
+    units, ~2 % of the range) allows for two resamplers; the window's x and y swapped would score ~0.5."""
+    out = converted[0]
+    images, labels = epoch(dali(out), 0)[3]
+    jpegs, want_labels, start, shape, mirror = source(out)(SimpleNamespace(iteration=3))
+    assert labels.tolist() == want_labels[:, 0].tolist()
+    references = [pil_crop(j, *s, *wh, m) for j, s, wh, m in zip(jpegs, start, shape, mirror)]
+    assert mean_error(images, references) < 0.1
+    swapped = [pil_crop(j, s[1], s[0], wh[1], wh[0], m) for j, s, wh, m in zip(jpegs, start, shape, mirror)]
+    assert mean_error(images, swapped) > 0.2  # the comparison tells the windows apart
+
+
+def test_two_views_cut_the_host_windows(converted, monkeypatch):
+    """With the colour draws set to 'no change', each view is its own window of the full decode, resized and
+    flipped: fn.resize's ROI in (y, x) order cuts what the host drew."""
+    def identity(rng, n):
+        ones, off = np.ones(n, np.float32), np.zeros(n, bool)
+        return {"brightness": ones, "contrast": ones, "saturation": ones, "hue": ones * 0, "blur": off,
+                "sigma": ones}
+    monkeypatch.setattr(dali_source, "simclr_colour", identity)
+    out = converted[0]
+    (first, second), labels = epoch(dali(out, views=2), 0)[1]
+    drawn = dict(zip(dali_source.TWO_VIEW_OUTPUTS, source(out, views=2)(SimpleNamespace(iteration=1))))
+    for v, images in enumerate((first, second)):
+        references = [pil_crop(j, x, y, x1 - x, y1 - y, m) for j, (y, x), (y1, x1), m in
+                      zip(drawn["jpegs"], drawn[f"roi_start{v}"], drawn[f"roi_end{v}"], drawn[f"mirror{v}"])]
+        assert mean_error(images, references) < 0.1, v
+    assert not torch.equal(first, second)
+
+
+def counting(batches):
+    """Counts the pipelines the loader builds."""
+    builds = []
+    make = batches.make_pipeline
+    batches.make_pipeline = lambda at: builds.append(at) or make(at)
+    return builds
+
+
+def test_consecutive_epochs_run_on_one_pipeline_and_a_jump_rebuilds(converted):
+    batches = dali(converted[0])
+    builds = counting(batches)
+    e0, e1 = epoch(batches, 0), epoch(batches, 1)
+    assert builds == [0]  # epoch 1 came from the same pipeline, prefetched across the boundary
+    assert [lab.tolist() for _, lab in e1] != [lab.tolist() for _, lab in e0]
+    again = epoch(batches, 1, 2)  # not the continuation (that is epoch 2): a pipeline at epoch 1, batch 2
+    assert builds == [0, len(batches) + 2]
+    for (a, la), (b, lb) in zip(e1[2:], again):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    evals = dali(converted[0], "holdout", train=False)
+    builds = counting(evals)
+    assert [lab.tolist() for _, lab in epoch(evals, 0)] == [lab.tolist() for _, lab in epoch(evals, 1)]
+    assert builds == [0]  # every evaluation reads one order: the running pipeline serves the next one
+
+
+def test_an_epoch_depends_only_on_seed_and_epoch(converted):
+    """Epoch 2 read after epochs 0 and 1 on one pipeline equals epoch 2 on a fresh loader: nothing is carried
+    across the boundary (no shuffle buffer, no random operator state)."""
+    running = dali(converted[0])
+    epoch(running, 0), epoch(running, 1)
+    for (a, la), (b, lb) in zip(epoch(running, 2), epoch(dali(converted[0]), 2)):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+@pytest.mark.parametrize("reader", ["index", "webdataset"])
+def test_a_fresh_loader_seeks_to_the_batches_of_an_uninterrupted_epoch(converted, reader):
+    """The same pixels and labels from batch k on; the webdataset reader gets there by reading the batches before
+    (it is seeded per epoch, so it is reproducible, but it cannot seek)."""
+    options = {"reader": reader}
+    whole = epoch(dali(converted[0], options=options), 1)
+    k = len(whole) - 3
+    resumed = epoch(dali(converted[0], options=options), 1, k)
+    assert len(resumed) == 3
+    for (a, la), (b, lb) in zip(whole[k:], resumed):
+        assert torch.equal(a, b) and torch.equal(la, lb)
