@@ -144,3 +144,24 @@ def test_a_fresh_loader_seeks_to_the_batches_of_an_uninterrupted_epoch(converted
     assert len(resumed) == 3
     for (a, la), (b, lb) in zip(whole[k:], resumed):
         assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+def jpeg(size, **save):
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 90)).save(buffer, "JPEG", **save)
+    return buffer.getvalue()
+
+
+def test_jpeg_size_reads_the_frame_header(converted):
+    """Every stored image of the sample (baseline and re-encoded), a progressive JPEG and one with an EXIF
+    segment before its frame header: the size PIL reads; anything else: None (the caller then asks PIL)."""
+    from pipelines.formats.webdataset import ShardReader
+    out = converted[0]
+    reader = ShardReader(dali_shards(out, load_manifest(out), "train"))
+    blobs = [reader.read(i)[0] for i in range(len(reader))]
+    exif = Image.Exif()
+    exif[0x010F] = "camera"
+    blobs += [jpeg((321, 123), progressive=True), jpeg((77, 555), exif=exif.tobytes())]
+    assert [dali_source.jpeg_size(b) for b in blobs] == [Image.open(io.BytesIO(b)).size for b in blobs]
+    assert dali_source.jpeg_size(b"\x89PNG\r\n\x1a\n" + bytes(40)) is None
+    assert dali_source.jpeg_size(jpeg((10, 10))[:20]) is None  # cut before its frame header
