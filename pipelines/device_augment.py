@@ -6,18 +6,56 @@ and flip on the CPU, where libjpeg-turbo decodes at a reduced scale when the cro
 operators, and they cost more than the decode on the CPU (a hue shift goes through HSV), so they run here, on
 the uint8 batch after it reached the device, in float in [0, 1]; contract.normalize follows.
 
-kornia's augmentations draw their parameters per image (torchvision's formulas for jitter: brightness and
-contrast multiply and blend, saturation blends with the grayscale, hue rotates in HSV) and run batched. They
-draw on the CPU and copy the parameters over without blocking; an operation with p < 1 runs on the whole
-batch and keeps its result per image with `torch.where` (kornia 0.9), so nothing waits for the GPU.
+No host-device sync and no host-to-device copy per batch: every per-image number (the gates, the jitter
+factors, the blur's sigma) is drawn on the batch's device with one `torch.rand`, applied with kornia's
+functional ops, which take per-image factor tensors, and kept per image with `torch.where`. Whether an
+operation runs at all depends only on its probability (a Python number), never on a drawn value. kornia's
+augmentation modules (ColorJitter, RandomGaussianBlur) are not used: on a CUDA batch they read their drawn
+parameters back to the host every call (ColorJitter's `order.tolist()` and its per-step `if factor.any()`,
+gaussian_blur2d's check that every sigma is positive), three or more stream syncs per view.
+
+The formulas are torchvision's ColorJitter (brightness scales, contrast blends with the grayscale mean,
+saturation blends with the grayscale, hue rotates in HSV; factors uniform in [1 - s, 1 + s], hue in
+[-h, h] turns), RandomGrayscale and GaussianBlur (one sigma for both axes, reflected borders). As in kornia's
+ColorJitter, the order of the four jitter steps is drawn once per batch (on the host: no device work), where
+torchvision draws one per image: a per-image order would run each step four times over the batch.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
 from .contract import (SSL_BLUR_P, SSL_BLUR_SIGMA, SSL_BRIGHTNESS, SSL_CONTRAST, SSL_GRAY_P, SSL_HUE, SSL_JITTER_P,
                        SSL_SATURATION, blur_kernel_size)
+
+# Rows of the per-image uniform draws (one torch.rand(DRAWS, B) per call).
+JITTER_GATE, BRIGHTNESS, CONTRAST, SATURATION, HUE, GRAY_GATE, BLUR_GATE, SIGMA = range(8)
+DRAWS = 8
+
+
+def jitter_steps():
+    """The four ColorJitter steps as (row of the draws, fn(images, uniform in [0, 1) per image))."""
+    from kornia.enhance import (adjust_brightness_accumulative, adjust_contrast_with_mean_subtraction, adjust_hue,
+                                adjust_saturation_with_gray_subtraction)
+
+    def spread(u, strength):  # torchvision's [max(0, 1 - s), 1 + s]
+        low = max(0.0, 1 - strength)
+        return low + (1 + strength - low) * u
+
+    return (
+        (BRIGHTNESS, lambda x, u: adjust_brightness_accumulative(x, spread(u, SSL_BRIGHTNESS))),
+        (CONTRAST, lambda x, u: adjust_contrast_with_mean_subtraction(x, spread(u, SSL_CONTRAST))),
+        (SATURATION, lambda x, u: adjust_saturation_with_gray_subtraction(x, spread(u, SSL_SATURATION))),
+        # torchvision's hue factor is in turns of the hue circle, kornia's in radians
+        (HUE, lambda x, u: adjust_hue(x, (2 * u - 1) * SSL_HUE * 2 * math.pi)),
+    )
+
+
+def keep_where(gate: torch.Tensor, changed: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Per image: `changed` where its gate is set, else `images`."""
+    return torch.where(gate.view(-1, 1, 1, 1), changed, images)
 
 
 class ColourAugment(nn.Module):
@@ -27,13 +65,41 @@ class ColourAugment(nn.Module):
     def __init__(self, image_size: int, *, jitter_p: float = SSL_JITTER_P, gray_p: float = SSL_GRAY_P,
                  blur_p: float = SSL_BLUR_P):
         super().__init__()
-        import kornia.augmentation as K
-        size = blur_kernel_size(image_size)
-        self.ops = nn.Sequential(
-            K.ColorJitter(SSL_BRIGHTNESS, SSL_CONTRAST, SSL_SATURATION, SSL_HUE, p=jitter_p),
-            K.RandomGrayscale(p=gray_p),
-            K.RandomGaussianBlur((size, size), SSL_BLUR_SIGMA, p=blur_p))
+        self.jitter_p, self.gray_p, self.blur_p = jitter_p, gray_p, blur_p
+        self.kernel_size = blur_kernel_size(image_size)
+        self.steps = jitter_steps()
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.ops(images).contiguous(memory_format=torch.channels_last)
+        draws = torch.rand(DRAWS, images.shape[0], device=images.device)
+        order = torch.randperm(len(self.steps)).tolist()  # a CPU draw: no device work
+        return self.augment(images, draws, order)
+
+    def augment(self, images: torch.Tensor, draws: torch.Tensor, order: list[int]) -> torch.Tensor:
+        """forward with its random numbers given: `draws` DRAWS x B uniforms in [0, 1) on the images' device
+        (rows named above); `order` the jitter steps' order, a permutation of 0-3 (brightness, contrast,
+        saturation, hue)."""
+        from kornia.color import rgb_to_grayscale
+        from kornia.filters import filter2d_separable, get_gaussian_kernel1d
+        out = images
+        if self.jitter_p > 0:
+            jittered = out
+            for index in order:
+                row, step = self.steps[index]
+                jittered = step(jittered, draws[row])
+            out = self.gated(draws[JITTER_GATE], self.jitter_p, jittered, out)
+        if self.gray_p > 0:
+            gray = rgb_to_grayscale(out).expand_as(out)
+            out = self.gated(draws[GRAY_GATE], self.gray_p, gray, out)
+        if self.blur_p > 0:
+            low, high = SSL_BLUR_SIGMA
+            sigma = (low + (high - low) * draws[SIGMA]).view(-1, 1)
+            kernel = get_gaussian_kernel1d(self.kernel_size, sigma)  # B x size: one kernel per image
+            blurred = filter2d_separable(out, kernel, kernel, border_type="reflect")
+            out = self.gated(draws[BLUR_GATE], self.blur_p, blurred, out)
+        return out.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def gated(uniform: torch.Tensor, p: float, changed: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """Each image changed with probability p (p = 1: every one, with no selection to run)."""
+        return changed if p >= 1 else keep_where(uniform < p, changed, images)

@@ -84,8 +84,8 @@ def evaluate(model: torch.nn.Module, bank_batches, query_splits: dict, *, num_cl
     for split, batches in query_splits.items():
         queries, labels = extract(model, batches, autocast)
         predicted = predict(bank, bank_labels, queries, num_classes=num_classes, k=k, temperature=temperature)
-        totals = all_reduce_sum(torch.stack([(predicted == labels).sum(), torch.tensor(labels.numel(),
-                                                                                       device=labels.device)]))
+        # The count is filled on the device: torch.tensor(n, device=cuda) would copy from the host and wait.
+        totals = all_reduce_sum(torch.stack([(predicted == labels).sum(), labels.new_full((), labels.numel())]))
         correct, samples = (int(t) for t in totals.tolist())
         results[split] = {"knn_top1": correct / max(samples, 1), "samples": samples, "bank": bank.shape[0]}
     model.train(was_training)

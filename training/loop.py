@@ -135,18 +135,24 @@ def evaluate(model: torch.nn.Module, batches, *, num_classes: int, autocast: Cal
     """Top-1, top-5 and loss over this rank's part of a split, reduced across ranks: every sample once."""
     model.eval()
     device = next(model.parameters()).device
-    top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro").to(device)
-    top5 = MulticlassAccuracy(num_classes=num_classes, top_k=min(5, num_classes), average="micro").to(device)
-    totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, samples
+    # validate_args=False: torchmetrics' checks count the labels' distinct values (torch.unique), a stream
+    # sync per batch on a GPU; the loaders' labels are in range by contract (check_batch tests it).
+    accuracy = dict(num_classes=num_classes, average="micro", validate_args=False)
+    top1 = MulticlassAccuracy(top_k=1, **accuracy).to(device)
+    top5 = MulticlassAccuracy(top_k=min(5, num_classes), **accuracy).to(device)
+    # The counters stay on the device, and nothing is read back before the reduction at the end. The sample
+    # count is a Python number added in place: a kernel argument, not a copy from the host.
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    seen = torch.zeros((), device=device, dtype=torch.int64)
     for images, labels in batches:
         with autocast():
             logits = model(images)
         logits = logits.float()
         top1.update(logits, labels)
         top5.update(logits, labels)
-        totals += torch.stack([F.cross_entropy(logits, labels, reduction="sum").double(),
-                               torch.tensor(labels.numel(), device=device, dtype=torch.float64)])
-    all_reduce_sum(totals)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum")
+        seen += labels.numel()
+    totals = all_reduce_sum(torch.stack([loss_sum, seen.double()]))
     samples = int(totals[1].item())
     return {"top1": float(top1.compute()), "top5": float(top5.compute()),
             "loss": float(totals[0] / max(samples, 1)), "samples": samples}
