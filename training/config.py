@@ -40,6 +40,12 @@ class ModelConfig:
     name: str = "vit_base_patch16_224"  # any timm model name
     kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (depth, patch_size, ...)
     compile: bool = True
+    # torch.compile's mode, when model.compile is true: default | reduce-overhead (CUDA graphs: the step's
+    # kernels replayed with one launch, which pays at small batches where launches, not FLOPs, set the pace) |
+    # max-autotune (CUDA graphs and a search over matmul kernels, minutes of compile) | max-autotune-no-cudagraphs.
+    # "default": the mode this trainer has always compiled with; benchmarks/gpu_check.sh measures it against
+    # reduce-overhead (benchmarks.train_step --compile-mode), and a GPU record is what may change it.
+    compile_mode: str = "default"
     channels_last: bool = True
     # Transfer (training/transfer.py): start from another run's backbone instead of from scratch.
     init: str = ""  # a checkpoint file, or a run directory (its checkpoints/best.pt); "": random init
@@ -59,6 +65,13 @@ class OptimConfig:
     min_lr: float = 0.0  # where the cosine ends
     grad_clip: float = 0.0  # max global grad norm; 0: off
     label_smoothing: float = 0.0
+    # AdamW's fused implementation (one kernel for the whole update) instead of torch's default: foreach
+    # (a few kernels per parameter group) on CUDA, a loop over the tensors on the CPU. On 2 shared AMD EPYC
+    # cores one optimizer step alone took 2.75 s fused against 6.03 s for ViT-B/16's 86.6 M parameters, and
+    # 21-68 ms against 308-464 ms for the tiny CPU ViT's 2.0 M; whole training steps there were too noisy to
+    # rank. false keeps torch's default until benchmarks/gpu_check.sh (benchmarks.train_step --fused false
+    # true) has measured it on the GPU.
+    fused: bool = False
 
 
 @dataclass
@@ -111,10 +124,12 @@ class Config:
         return dataclasses.asdict(self)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 CHOICES = {("data", "loader"): ("dali", "ffcv", "torchvision", "synthetic"),
            ("train", "precision"): ("bf16", "fp16", "fp32"),
            ("train", "objective"): ("supervised", "simclr", "rotation"),
-           ("model", "finetune"): ("full", "linear")}
+           ("model", "finetune"): ("full", "linear"),
+           ("model", "compile_mode"): COMPILE_MODES}
 
 
 def _check(value, kind, where: str):

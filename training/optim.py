@@ -4,15 +4,30 @@ from __future__ import annotations
 import torch
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
-from .config import OptimConfig
+from .config import ConfigError, OptimConfig
+
+
+def check_fused(config: OptimConfig, device: torch.device) -> None:
+    """optim.fused on a device that torch has no fused AdamW kernel for is a ConfigError now, not a RuntimeError
+    at the first optimizer step (where torch's AdamW checks it)."""
+    supported = _get_fused_kernels_supported_devices()
+    if config.fused and torch.device(device).type not in supported:
+        raise ConfigError(f"optim.fused=true: torch has no fused AdamW for '{torch.device(device).type}' devices "
+                          f"(only {', '.join(supported)}); set optim.fused=false")
 
 
 def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over the parameters that require gradients, on the device they are on (build it after .to(device))."""
+    device = next(p.device for p in model.parameters())
+    check_fused(config, device)
+    # fused=True: one kernel for the whole update; left out, torch picks its default for the device
+    implementation = {"fused": True} if config.fused else {}
     # filter_bias_and_bn: no weight decay on biases, norm weights, the position embedding and the class token
     # (timm's and DeiT's practice; decaying a LayerNorm gain toward 0 only fights the optimizer).
     return create_optimizer_v2(model, opt="adamw", lr=config.lr, weight_decay=config.weight_decay,
-                               betas=tuple(config.betas), filter_bias_and_bn=True)
+                               betas=tuple(config.betas), filter_bias_and_bn=True, **implementation)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: OptimConfig, *, steps_per_epoch: int,
