@@ -1,20 +1,35 @@
-"""Loader throughput: images/s of each loader alone, on the same stored images, over a sweep of workers.
+"""Loader throughput as a trainer on ImageNet sees it: images/s of each loader alone inside an epoch, the
+cost of an epoch boundary and of a mid-epoch start, and the images/s that projects to over an ImageNet epoch.
 
     python -m benchmarks.loaders --data OUT [--kinds dali ffcv torchvision synthetic] [--workers 1 2]
                                  [--device cuda] [--batch-size 64] [--image-size 224] [--batches 20]
 
-Each (loader, workers) pair builds its train loader once and reads batches continuously, across epochs
-(set_epoch each time) as a trainer would. The first `--warmup` batches are outside the clock: they hold
-FFCV's numba compile (~20 s on 2 cores), DALI's decoder set-up and the worker start. Then `--repeats`
-windows of `--batches` batches are timed, the device synchronized at each window's edges; the figure is
-the median window. Ratios are taken against the torchvision baseline at the same worker count, from the same
-run. Writes benchmarks/results/loaders-<stamp>.json and .md (or into --results).
+Each (loader, workers) pair builds its train loader once. The first `--warmup` batches are outside the clock:
+they hold FFCV's numba compile (~20 s on 2 cores), DALI's decoder set-up and the worker start. Then, every
+clock with the device synchronized at its edges (`sync`), each on an epoch of its own:
+- steady state: `--repeats` windows of at least `--batches` batches (and `--window-s` seconds while the epoch
+  lasts), each inside one epoch: set_epoch(e), 2 batches to fill the pipeline, then the clock. A window never
+  crosses an epoch boundary. `images_per_s` is the median window; `steady_batch_ms` the time per batch it
+  implies (`batch_interval_ms`: each window's).
+- epoch boundary: set_epoch(e, len - 3), read to the epoch's end, then set_epoch(e + 1) and its first batch:
+  the time from the last batch of e to the first of e + 1, median of `--boundaries`, in ms and in batch-times
+  (over `steady_batch_ms`). An ImageNet epoch (18,016 batches of 64) pays it once; a short benchmark epoch
+  would pay it every few batches, which is why it is measured apart.
+- mid-epoch start: set_epoch(e, k) then the first batch, at k = 0, 50 % and 90 % of the epoch, median of
+  `--starts`. The contract seeks rather than reads the skipped batches, so 90 % should cost what 0 does.
+- the ImageNet epoch: images/s over one epoch of 1,153,051 images (ImageNet-1k's train set less the 10 %
+  holdout) at this batch size, from the figures above: batches x images per batch / (batches x interval +
+  boundary).
+Ratios are taken against the torchvision baseline at the same worker count, from the same run. Writes
+benchmarks/results/loaders-<stamp>.json and .md (or into --results).
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -24,11 +39,16 @@ from rich.table import Table
 
 from benchmarks import goals as goals_
 from benchmarks import record
-from benchmarks.record import summarize, write_record
+from benchmarks.record import record_path, summarize, write_record
+from benchmarks.report import EPOCH_HEADERS, epoch_columns
 from pipelines import KINDS, build_loader
 from pipelines.contract import LoaderUnavailable
 from pipelines.formats.manifest import load_manifest
 
+IMAGENET_TRAIN_IMAGES = 1_153_051  # ImageNet-1k's 1,281,167 train images less the 10 % holdout
+LEAD = 2  # batches after an epoch's start before a window's clock starts: the first ones carry the start
+BOUNDARY_TAIL = 3  # batches read at an epoch's end before its boundary is timed
+STARTS_AT = (0, 50, 90)  # where in an epoch (%) the first batch after a mid-epoch start is timed
 
 
 def endless(loader):
@@ -70,31 +90,123 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def close(batches) -> None:
+    """Ends an iteration left before its epoch's end (a generator's `finally` releases its pipeline)."""
+    if hasattr(batches, "close"):
+        batches.close()
+
+
+def check_seeks(loader, kind: str) -> None:
+    if "start_batch" not in inspect.signature(loader.set_epoch).parameters:
+        raise TypeError(f"the '{kind}' loader's set_epoch takes no start_batch (pipelines/contract.py): it "
+                        f"cannot place a window inside an epoch nor start mid-epoch")
+    if len(loader) < BOUNDARY_TAIL + 1:
+        raise ValueError(f"the '{kind}' loader's epoch has {len(loader)} batches; the benchmark needs at least "
+                         f"{BOUNDARY_TAIL + 1} (more images, or a smaller --batch-size)")
+
+
+def window(loader, epoch: int, device: torch.device, args) -> tuple[int, int, float]:
+    """(images, batches, seconds) of one steady-state window inside `epoch`."""
+    loader.set_epoch(epoch)
+    batches = iter(loader)
+    for _ in range(LEAD):
+        next(batches)
+    sync(device)
+    t0 = time.perf_counter()
+    images = count = 0
+    # at least --batches batches and at least --window-s seconds, but never past the epoch's end: a fast
+    # loader gets a window long enough to measure, and a slow one (1 worker) does not hold the suite for minutes
+    for batch in batches:
+        images += batch_images(batch)
+        count += 1
+        if count >= args.batches and time.perf_counter() - t0 >= args.window_s:
+            break
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    close(batches)
+    return images, count, elapsed
+
+
+def epoch_boundary(loader, epoch: int, device: torch.device) -> float:
+    """Seconds from the last batch of `epoch` to the first batch of the next one."""
+    start = len(loader) - BOUNDARY_TAIL
+    loader.set_epoch(epoch, start)
+    batches = iter(loader)
+    for _ in range(BOUNDARY_TAIL):
+        next(batches)
+    sync(device)
+    t0 = time.perf_counter()
+    extra = sum(1 for _ in batches)  # the epoch's end, as a trainer's for loop meets it
+    loader.set_epoch(epoch + 1)
+    following = iter(loader)
+    next(following)
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    close(following)
+    if extra:
+        raise RuntimeError(f"set_epoch({epoch}, {start}) yielded {BOUNDARY_TAIL + extra} batches, not the "
+                           f"{BOUNDARY_TAIL} left of its {len(loader)}: the loader does not seek")
+    return elapsed
+
+
+def first_batch(loader, epoch: int, start_batch: int, device: torch.device) -> float:
+    """Seconds from set_epoch(epoch, start_batch) to the first batch, as a resumed run waits for it."""
+    sync(device)
+    t0 = time.perf_counter()
+    loader.set_epoch(epoch, start_batch)
+    batches = iter(loader)
+    next(batches)
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    close(batches)
+    return elapsed
+
+
+def imagenet_epoch(batch_size: int, images_per_batch: float, interval_s: float, boundary_s: float) -> dict:
+    """Images/s over one ImageNet train epoch at this batch size: every batch at the in-epoch interval, plus
+    one epoch boundary."""
+    batches = IMAGENET_TRAIN_IMAGES // batch_size  # train drops the last partial batch
+    return {"imagenet_epoch_batches": batches,
+            "imagenet_epoch_images_per_s": batches * images_per_batch / (batches * interval_s + boundary_s)}
+
+
 def measure(kind: str, data: Path, *, workers: int, device: torch.device, args, options: dict | None) -> dict:
     start = time.perf_counter()
     loader = build_loader(kind, data, args.split, batch_size=args.batch_size, image_size=args.image_size,
                           train=True, device=device, dtype=args.dtype, workers=workers, options=options,
                           views=args.views)
-    batches = endless(loader)
+    check_seeks(loader, kind)
+    warmup = endless(loader)
     for _ in range(args.warmup):
-        next(batches)
+        next(warmup)
+    warmup.close()
     sync(device)
     warmup_s = time.perf_counter() - start
-    rates = []
-    for _ in range(args.repeats):
-        sync(device)
-        t0 = time.perf_counter()
-        images = count = 0
-        # at least --batches batches and at least --window-s seconds: a fast loader gets a window long enough
-        # to measure, and a slow one (1 worker) does not hold the suite for minutes
-        while count < args.batches or time.perf_counter() - t0 < args.window_s:
-            images += batch_images(next(batches))
-            count += 1
-        sync(device)
-        rates.append(images / (time.perf_counter() - t0))
-    batches.close()
-    del loader, batches
-    return {"images_per_s": summarize(rates), "warmup_s": warmup_s}
+    batches = len(loader)
+    epochs = itertools.count(1)  # every measurement on an epoch of its own, as a trainer's come
+    windows = [window(loader, next(epochs), device, args) for _ in range(args.repeats)]
+    boundaries = []
+    for _ in range(args.boundaries):
+        boundaries.append(epoch_boundary(loader, next(epochs), device))
+        next(epochs)  # the boundary's second epoch, started there
+    at = {str(p): min(batches - 1, batches * p // 100) for p in STARTS_AT}
+    firsts = {p: [first_batch(loader, next(epochs), k, device) for _ in range(args.starts)] for p, k in at.items()}
+    del loader
+    rates = [images / seconds for images, _, seconds in windows]
+    images_per_batch = sum(images for images, _, _ in windows) / sum(count for _, count, _ in windows)
+    # the interval that the median images/s implies (the median window's with an odd number of windows): the
+    # batch-times and the projection follow the headline figure, which an even count's mean of two would not
+    interval, boundary = images_per_batch / statistics.median(rates), statistics.median(boundaries)
+    intervals = [seconds / count for _, count, seconds in windows]
+    first = {p: summarize([1e3 * s for s in values]) for p, values in firsts.items()}
+    return {"images_per_s": summarize(rates),
+            "batch_interval_ms": summarize([1e3 * s for s in intervals]), "steady_batch_ms": 1e3 * interval,
+            "window_batches": [count for _, count, _ in windows], "epoch_batches": batches,
+            "epoch_boundary_ms": summarize([1e3 * s for s in boundaries]),
+            "epoch_boundary_batches": boundary / interval,
+            "first_batch_ms": first, "first_batch_at": at,
+            "first_batch_90_over_0": first["90"]["median"] / first["0"]["median"],
+            **imagenet_epoch(args.batch_size, images_per_batch, interval, boundary), "warmup_s": warmup_s}
 
 
 def parse_args(argv):
@@ -108,10 +220,14 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--batches", type=int, default=20, help="batches per timed window (default: %(default)s)")
+    p.add_argument("--batches", type=int, default=20,
+                   help="batches per timed window, inside one epoch (default: %(default)s)")
     p.add_argument("--window-s", type=float, default=0.0,
-                   help="a window also lasts at least this many seconds (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=5)
+                   help="a window also lasts at least this many seconds, while its epoch lasts (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=5, help="steady-state windows (default: %(default)s)")
+    p.add_argument("--boundaries", type=int, default=3, help="epoch boundaries timed (default: %(default)s)")
+    p.add_argument("--starts", type=int, default=3,
+                   help="mid-epoch starts timed at each of 0, 50 and 90 %% of the epoch (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=10, help="batches before the clock (default: %(default)s)")
     p.add_argument("--views", type=int, default=1, choices=[1, 2],
                    help="2: the two-view (SimCLR) augmentation; images/s then counts views (default: %(default)s)")
@@ -137,26 +253,53 @@ def configurations(args, device: torch.device):
 
 
 def markdown(rows: list[dict], env: dict, settings: dict, ceiling: dict) -> str:
-    lines = [f"Loader images/s, median of {settings['repeats']} windows of {settings['batches']} batches of "
-             f"{settings['batch_size']} at {settings['image_size']} px, on {settings['device']}.",
+    batches = rows[0]["epoch_batches"] if rows else "?"
+    lines = [f"Loader images/s inside an epoch, median of {settings['repeats']} windows of >= {settings['batches']} "
+             f"batches of {settings['batch_size']} at {settings['image_size']} px, on {settings['device']}; epochs "
+             f"of {batches} batches. Epoch boundary: last batch of one epoch to the first of the next (median of "
+             f"{settings['boundaries']}). First batch after set_epoch(e, k) at 0, 50 and 90 % of the epoch (median "
+             f"of {settings['starts']}). ImageNet epoch: {IMAGENET_TRAIN_IMAGES:,} images at this batch size, "
+             f"projected from those.",
              f"Hardware: {env['cpu']} ({env['cores']} cores){', ' + env['gpu'] if env['gpu'] else ''}. "
              f"Commit {env['commit']}.", "",
-             "| loader | workers | images/s | spread (min-max) | vs torchvision |", "|---|---:|---:|---:|---:|"]
+             f"| loader | workers | images/s | spread (min-max) | vs torchvision | {' | '.join(EPOCH_HEADERS)} |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         s = r["images_per_s"]
         ratio = f"{r['vs_torchvision']:.2f}x" if r.get("vs_torchvision") else "-"
         lines.append(f"| {r['label']} | {r['workers'] or '-'} | {s['median']:,.0f} | {s['min']:,.0f}-{s['max']:,.0f} "
-                     f"| {ratio} |")
+                     f"| {ratio} | {' | '.join(epoch_columns(r))} |")
     per_core = ceiling["images_per_s_per_core"]["median"]
     lines += ["", f"JPEG decode ceiling (PIL, full decode, one core): {per_core:,.0f} images/s per core."]
     return "\n".join(lines) + "\n"
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """vs_torchvision: each loader over the torchvision baseline at the same worker count."""
+    baseline = {r["workers"]: r["images_per_s"]["median"] for r in rows if r["kind"] == "torchvision"}
+    for r in rows:
+        if r["kind"] != "torchvision" and r["workers"] in baseline:
+            r["vs_torchvision"] = r["images_per_s"]["median"] / baseline[r["workers"]]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     console = Console()
-    rows, failed = [], []
+    settings = {k: (str(v) if isinstance(v, (Path, torch.dtype)) else v) for k, v in vars(args).items()}
+    settings["max_resolution"] = load_manifest(args.data)["settings"]["max_resolution"]  # 0: full size
+    goals = {"cpu_ratio_vs_torchvision": goals_.CPU_RATIO, "cpu_epoch_boundary_batches": goals_.CPU_EPOCH_START,
+             "cpu_first_batch_90_over_0": goals_.CPU_RESUME, "gpu_images_per_s": goals_.GPU_LOADER,
+             "gpu_ffcv_512_images_per_s_per_core": goals_.FFCV_512_PER_CORE}
+    ceiling = decode_ceiling(args.data, args.split, images=64)
+    path, rows, failed = record_path("loaders", args.results), [], []
+
+    def save() -> None:  # after every configuration: a time limit that ends the run keeps the rows measured
+        add_ratios(rows)
+        write_record("loaders", {"settings": settings, "goals": goals, "results": rows, "failed": failed,
+                                 "decode_ceiling": ceiling}, path=path)
+        path.with_suffix(".md").write_text(markdown(rows, record.environment(), settings, ceiling))
+
     for kind, workers, options, label in configurations(args, device):
         console.print(f"[dim]measuring {label}, {workers or '-'} workers ...[/dim]")
         try:
@@ -167,31 +310,24 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # one broken configuration must not cost the others' figures
             console.print(f"[red]{label}, {workers} workers failed: {type(e).__name__}: {e}[/red]")
             failed.append({"label": label, "workers": workers, "error": f"{type(e).__name__}: {e}"})
+            save()
             continue
         if args.views == 2:  # its own label: the report must not merge it with the one-view rows
             label += " 2 views"
         rows.append({"label": label, "kind": kind, "workers": workers, "options": options or {}, "views": args.views,
                      **result})
-    baseline = {r["workers"]: r["images_per_s"]["median"] for r in rows if r["kind"] == "torchvision"}
-    for r in rows:
-        if r["kind"] != "torchvision" and r["workers"] in baseline:
-            r["vs_torchvision"] = r["images_per_s"]["median"] / baseline[r["workers"]]
-    settings = {k: (str(v) if isinstance(v, (Path, torch.dtype)) else v) for k, v in vars(args).items()}
-    settings["max_resolution"] = load_manifest(args.data)["settings"]["max_resolution"]  # 0: full size
-    goals = {"cpu_ratio_vs_torchvision": goals_.CPU_RATIO, "gpu_images_per_s": goals_.GPU_LOADER}
-    ceiling = decode_ceiling(args.data, args.split, images=64)
-    path = write_record("loaders", {"settings": settings, "goals": goals, "results": rows, "failed": failed,
-                                    "decode_ceiling": ceiling}, args.results)
-    path.with_suffix(".md").write_text(markdown(rows, record.environment(), settings, ceiling))
+        save()
+    save()
 
-    table = Table(title=f"loader images/s, median of {args.repeats} (batch {args.batch_size}, {args.image_size} px, "
-                        f"{device.type})")
-    for column in ("loader", "workers", "images/s", "min-max", "vs torchvision", "warm-up s"):
+    table = Table(title=f"loader images/s inside an epoch, median of {args.repeats} (batch {args.batch_size}, "
+                        f"{args.image_size} px, {device.type})")
+    for column in ("loader", "workers", "images/s", "min-max", "vs torchvision", *EPOCH_HEADERS, "warm-up s"):
         table.add_column(column, justify="right")
     for r in rows:
         s = r["images_per_s"]
         table.add_row(r["label"], str(r["workers"] or "-"), f"{s['median']:,.0f}", f"{s['min']:,.0f}-{s['max']:,.0f}",
-                      f"{r['vs_torchvision']:.2f}x" if r.get("vs_torchvision") else "-", f"{r['warmup_s']:.1f}")
+                      f"{r['vs_torchvision']:.2f}x" if r.get("vs_torchvision") else "-", *epoch_columns(r),
+                      f"{r['warmup_s']:.1f}")
     console.print(table)
     console.print(f"one core decodes {ceiling['images_per_s_per_core']['median']:,.0f} of these JPEGs per second "
                   f"(PIL, full decode): the CPU decode ceiling is that times the workers")

@@ -4,8 +4,11 @@
     python -m benchmarks.report --compare A B     # A, B: record files or folders; prints B / A per figure
     python -m benchmarks.report --readme README.md  # also puts the report's body into README.md's Results
 
-For every (benchmark, machine) the newest record is reported. Charts (matplotlib): loader images/s per loader
-and stored resolution, images/s against workers (where each loader saturates), and training real/synthetic.
+For every (benchmark, machine) the newest record is reported. Per loader: images/s inside an epoch, the
+epoch boundary (ms and batch-times), the first batch after a start at 0, 50 and 90 % of an epoch, and the
+images/s projected over an ImageNet epoch; records measured before those figures show '-'. Charts
+(matplotlib): loader images/s per loader and stored resolution, images/s against workers (where each loader
+saturates), and training real/synthetic.
 """
 from __future__ import annotations
 
@@ -54,13 +57,44 @@ def objective(r: dict) -> str:
     return "" if value == "supervised" else value
 
 
+def fmt(value, spec: str = ",.0f") -> str:
+    """A figure, or '-' where the record has none (records written before the benchmark took it)."""
+    return "-" if value is None else format(value, spec)
+
+
+def fmt_ms(value: float | None) -> str:
+    """Milliseconds with the digits that matter: 1,234 / 12 / 3.4 / 0.012."""
+    return fmt(value, ",.0f" if value is None or value >= 10 else ".1f" if value >= 1 else ".3f")
+
+
+def median(row: dict, key: str, at: str | None = None) -> float | None:
+    """row[key]["median"] (or row[key][at]["median"]), None where the record lacks it."""
+    value = row.get(key)
+    value = value.get(at) if at is not None and isinstance(value, dict) else value
+    return value.get("median") if isinstance(value, dict) else None
+
+
+EPOCH_HEADERS = ("epoch boundary ms (batch-times)", "first batch at 0/50/90 % ms", "ImageNet epoch images/s")
+
+
+def epoch_columns(row: dict) -> list[str]:
+    """A loader row's epoch figures, under EPOCH_HEADERS."""
+    boundary = median(row, "epoch_boundary_ms")
+    firsts = row.get("first_batch_ms")
+    return [f"{fmt_ms(boundary)} ({fmt(row.get('epoch_boundary_batches'), '.1f')})" if boundary is not None else "-",
+            "/".join(fmt_ms(median(row, "first_batch_ms", at)) for at in firsts) if firsts else "-",
+            fmt(row.get("imagenet_epoch_images_per_s"))]
+
+
 def figures(r: dict) -> dict[str, float]:
     """A record's headline figures by a name that identifies them across runs."""
     out = {}
     if r["benchmark"] == "loaders":
         for row in r["results"]:
-            out[f"loader {row['label']}, {row['workers'] or '-'} workers, {resolution(r)}"] = \
-                row["images_per_s"]["median"]
+            name = f"{row['label']}, {row['workers'] or '-'} workers, {resolution(r)}"
+            out[f"loader {name}"] = row["images_per_s"]["median"]
+            if "imagenet_epoch_images_per_s" in row:
+                out[f"loader over an ImageNet epoch {name}"] = row["imagenet_epoch_images_per_s"]
     elif r["benchmark"] == "train_step":
         for row in r["results"]:
             what = f"train {objective(r) + ' ' if objective(r) else ''}{row['kind']}"
@@ -184,14 +218,20 @@ def render(records: list[dict], out: Path) -> str:
         lines += goals.markdown(verdicts)
         if loader_records:
             lines += ["### Loaders alone", "",
-                      "| loader | workers | stored | on | images/s | vs torchvision | record |",
-                      "|---|---:|---|---|---:|---:|---|"]
+                      "images/s: inside an epoch (windows that never cross an epoch boundary). Epoch boundary: from "
+                      "the last batch of one epoch to the first of the next, in ms and in in-epoch batch intervals. "
+                      "First batch: after set_epoch(epoch, k) at k = 0, 50 and 90 % of the epoch. ImageNet epoch: "
+                      "the images/s those project to over 1,153,051 images at the record's batch size.", "",
+                      f"| loader | workers | stored | on | images/s | vs torchvision | {' | '.join(EPOCH_HEADERS)} "
+                      "| record |",
+                      "|---|---:|---|---|---:|---:|---:|---:|---:|---|"]
             for r in loader_records:
                 for row in r["results"]:
                     ratio = f"{row['vs_torchvision']:.2f}x" if row.get("vs_torchvision") else "-"
                     lines.append(f"| {row['label']} | {row['workers'] or '-'} | {resolution(r)} | "
                                  f"{r['settings'].get('device', '?')} | {row['images_per_s']['median']:,.0f} | "
-                                 f"{ratio} | {row['_file']} (commit {row['_commit']}) |")
+                                 f"{ratio} | {' | '.join(epoch_columns(row))} | {row['_file']} "
+                                 f"(commit {row['_commit']}) |")
             png = f"charts/loaders-{slug(m)}.png"
             chart_loaders(gpu_loaders or loader_records, out.parent / png, f"loaders alone - {m}")
             lines += ["", f"![loader images/s on {m}]({png})", ""]
