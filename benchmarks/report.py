@@ -57,6 +57,20 @@ def objective(r: dict) -> str:
     return "" if value == "supervised" else value
 
 
+def is_sweep(r: dict) -> bool:
+    """A training record that compares torch.compile modes or AdamW implementations (gpu_check's compile part)."""
+    return len({(row.get("compile_mode", "default"), bool(row.get("fused"))) for row in r.get("results", [])}) > 1
+
+
+def train_variant(r: dict) -> str:
+    """What sets a training record apart, so that each kind keeps its newest: the objective, the batch sizes
+    and whether it is a compile sweep (e.g. "batch 64", "simclr, batch 32", "batch 64, compile sweep")."""
+    batches = sorted({row["batch_size"] for row in r.get("results", [])} or set(r["settings"].get("batch_size") or []))
+    parts = [objective(r)] if objective(r) else []
+    parts += [f"batch {', '.join(map(str, batches))}"] if batches else []
+    return ", ".join(parts + (["compile sweep"] if is_sweep(r) else []))
+
+
 def fmt(value, spec: str = ",.0f") -> str:
     """A figure, or '-' where the record has none (records written before the benchmark took it)."""
     return "-" if value is None else format(value, spec)
@@ -111,7 +125,7 @@ def newest(records: list[dict]) -> dict[tuple[str, str, str], dict]:
     latest: dict[tuple[str, str, str], dict] = {}
     for r in sorted(records, key=lambda r: r["date"]):
         if r["benchmark"] != "loaders":
-            latest[(r["benchmark"], machine(r), objective(r))] = r
+            latest[(r["benchmark"], machine(r), train_variant(r) if r["benchmark"] == "train_step" else "")] = r
             continue
         key = ("loaders", machine(r), f"{resolution(r)} on {r['settings'].get('device', '?')}")
         merged = latest.get(key)
@@ -213,8 +227,9 @@ def render(records: list[dict], out: Path) -> str:
         gpu_loaders = [r for r in loader_records if r["settings"].get("device") != "cpu"] if "no GPU" not in m else []
         verdicts = [v for r in loader_records
                     for v in goals.loader_verdicts(r, r["settings"].get("device") != "cpu", resolution(r))]
-        if ("train_step", m, "") in latest:  # the goals are for supervised training
-            verdicts += goals.train_verdicts(latest[("train_step", m, "")])
+        for (b, mm, _), train in sorted(latest.items()):  # the goals are for supervised training, compiled
+            if b == "train_step" and mm == m and not objective(train) and not is_sweep(train):
+                verdicts += goals.train_verdicts(train)
         lines += goals.markdown(verdicts)
         if loader_records:
             lines += ["### Loaders alone", "",
@@ -243,15 +258,17 @@ def render(records: list[dict], out: Path) -> str:
         for (b, mm, what), train in sorted(latest.items()):
             if b != "train_step" or mm != m:
                 continue
-            title = f"Training{' (' + what + ', two views per image: images/s counts views)' if what else ''}"
-            lines += [f"### {title}: real input against synthetic", "",
-                      "| loader | batch | images/s | vs synthetic | input wait | MFU |",
-                      "|---|---:|---:|---:|---:|---:|"]
+            views = ", two views per image: images/s counts views" if objective(train) == "simclr" else ""
+            lines += [f"### Training ({what}{views}): real input against synthetic", "",
+                      "| loader | batch | compile | fused AdamW | images/s | vs synthetic | input wait | MFU | "
+                      "peak GiB |", "|---|---:|---|---|---:|---:|---:|---:|---:|"]
             for row in train["results"]:
                 vs = f"{row['vs_synthetic']:.3f}" if "vs_synthetic" in row else "-"
                 mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "-"
-                lines.append(f"| {row['kind']} | {row['batch_size']} | {row['images_per_s']['median']:,.1f} | {vs} | "
-                             f"{row['input_wait']['median']:.1%} | {mfu} |")
+                compiled = row.get("compile_mode", "-" if train["settings"].get("no_compile") else "default")
+                lines.append(f"| {row['kind']} | {row['batch_size']} | {compiled} | "
+                             f"{'yes' if row.get('fused') else 'no'} | {row['images_per_s']['median']:,.1f} | {vs} | "
+                             f"{row['input_wait']['median']:.1%} | {mfu} | {fmt(row.get('peak_memory_gib'), '.1f')} |")
             png = f"charts/real-vs-synthetic-{slug(m + ' ' + what)}.png"
             chart_real_vs_synthetic(train, out.parent / png, f"training {what} real / synthetic - {m}")
             lines += ["", f"record {train['_file']} (commit {train['commit']})", "",
