@@ -287,6 +287,26 @@ def test_hopper_goals_apply_to_h100_and_h200_by_capability_then_by_name():
     assert goals.train_verdicts(hopper_train_record(rows, capability="9.0", batch=256)) == []  # the goals' batch is 64
 
 
+def test_report_keeps_the_suite_run_the_compile_sweep_and_batch_256_apart(tmp_path):
+    """The GPU check writes three training records in one run; each is reported, and the goals come from the
+    supervised batch-64 one, not from the newer sweep (whose synthetic rows differ by compile mode)."""
+    suite = hopper_train_record({"synthetic": (4100.0, 0.1, 15.0), "dali": (4090.0, 0.1, 15.0)}, capability="9.0")
+    sweep = hopper_train_record({"synthetic": (3000.0, 0.1, 15.0)}, capability="9.0")
+    sweep["results"] += [{**sweep["results"][0], "compile_mode": "reduce-overhead", "fused": True,
+                          "images_per_s": {"median": 4500.0}}]
+    large = hopper_train_record({"synthetic": (4400.0, 0.1, 15.0), "dali": (4300.0, 0.1, 15.0)}, capability="9.0",
+                                batch=256)
+    for n, r in enumerate((suite, sweep, large)):
+        r |= {"date": f"2026120{n + 1}T000000Z", "cpu": "Xeon", "cores": 16, "commit": "abc", "settings": {},
+              "_file": f"train_step-{n}.json"}
+    latest = report.newest([suite, sweep, large])
+    assert sorted(key[2] for key in latest) == ["batch 256", "batch 64", "batch 64, compile sweep"]
+    text = report.render([suite, sweep, large], tmp_path / "report.md")
+    assert "| training from synthetic input, batch 64 | 4,000 (43% MFU at 989 TFLOP/s) | 4,100 | yes |" in text
+    assert "| synthetic | 64 | reduce-overhead | yes | 4,500.0 |" in text
+    assert "### Training (batch 256): real input against synthetic" in text
+
+
 def gpu_loader_record(gpu: str, capability, medians: dict) -> dict:
     rows = [{"kind": k, "label": k, "workers": 16, "options": {}, "images_per_s": {"median": v}}
             for k, v in medians.items()]
