@@ -17,10 +17,10 @@ Parts (each writes JSON records with hardware, versions, commit and settings; se
 
 Train epochs are at least 200 batches at the suite's batch size, so that an epoch start weighs in the
 figures about as little as in an ImageNet epoch (18,016 batches of 64), and each loader's epoch boundary and
-mid-epoch start are measured apart (benchmarks/loaders.py). The data cost that once, and is reused: the `cpu`
-suite's 7,200 images took 7.2 minutes to generate and 3.1 to convert at 256 px, 512 px and full size (92, 48
-and 46 s) on 2 cores of an AMD EPYC shared with other jobs; at the same per-core rates the `gpu` suite's
-14,500 images, converted full size and at 512 px, take about 2.5 minutes on 16 cores.
+mid-epoch start are measured apart (benchmarks/loaders.py). The data cost that once, and is reused. A quarter
+of the images (a fifth on the GPU) are generated, the rest are hard links to them: the `cpu` suite's data step,
+generating 1,800 images and converting 7,200 at 256 px, 512 px and full size, took 90 s on 2 busy cores
+(generating all 7,200 had taken 7.2 minutes).
 `cpu` runs everything on the CPU with the tiny model; `gpu` runs ViT-B/16 bf16 compiled on the GPU, at ImageNet
 size (benchmarks/gpu_check.sh); `all` is both.
 `--dry-run` runs the same parts with tiny sizes on the CPU, in seconds: the tests and gpu_check.sh's own
