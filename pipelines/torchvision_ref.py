@@ -20,11 +20,16 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
+from . import processes
 from .contract import (CROP_RATIO, CROP_SCALE, SSL_BLUR_P, SSL_BLUR_SIGMA, SSL_BRIGHTNESS, SSL_CONTRAST,
-                       SSL_FLIP_P, SSL_GRAY_P, SSL_HUE, SSL_JITTER_P, SSL_SATURATION, NoOptions, blur_kernel_size,
-                       default_workers, eval_resize, normalize, parse_options, rank_indices)
+                       SSL_FLIP_P, SSL_GRAY_P, SSL_HUE, SSL_JITTER_P, SSL_SATURATION, NoOptions, batches_per_epoch,
+                       blur_kernel_size, check_start_batch, default_workers, eval_resize, normalize, parse_options,
+                       rank_indices)
 from .formats.manifest import RECONVERT, DatasetError, check_files, dali_shards, load_manifest
 from .formats.webdataset import ShardReader
+
+# What the workers import to unpickle the dataset and run it: loaded once in the forkserver (processes.py).
+TORCHVISION_PRELOAD = ["torch", "torchvision.transforms.v2", "PIL.Image", __name__]
 
 
 class ShardDataset(Dataset):
@@ -54,44 +59,94 @@ class ShardDataset(Dataset):
             return tuple(self.transform(image) for _ in range(self.views)), label
 
 
-class EpochSampler(Sampler):
-    """This rank's (index, epoch) pairs for the current epoch (contract.rank_indices)."""
+class BatchStream(Sampler):
+    """This rank's batches of (index, epoch) pairs (contract.rank_indices), from batch `start_batch` of `epoch`
+    on and then on into the next epochs, without end: the DataLoader's workers prefetch across an epoch's end
+    as they do within it, so the first batch of epoch e + 1 is decoded while the trainer takes e's last ones.
+    Each epoch's batches depend on (seed, epoch) alone, never on the epochs streamed before it."""
 
-    def __init__(self, n: int, *, rank: int, world_size: int, train: bool, seed: int):
-        self.n, self.rank, self.world_size, self.train, self.seed, self.epoch = n, rank, world_size, train, seed, 0
+    def __init__(self, n: int, *, batch_size: int, rank: int, world_size: int, train: bool, seed: int):
+        self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
+        self.train, self.seed = train, seed
+        self.batches = batches_per_epoch(len(self.indices(0)), batch_size, train)
+        self.epoch, self.start_batch = 0, 0  # where the next iter() starts
 
-    def indices(self) -> np.ndarray:
+    def indices(self, epoch: int) -> np.ndarray:
         return rank_indices(self.n, rank=self.rank, world_size=self.world_size, train=self.train, seed=self.seed,
-                            epoch=self.epoch)
+                            epoch=epoch)
+
+    def epoch_batches(self, epoch: int, start_batch: int):
+        order = self.indices(epoch).tolist()
+        for b in range(start_batch, self.batches):  # train: the last partial batch is dropped (batches_per_epoch)
+            yield [(i, epoch) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
 
     def __iter__(self):
-        return ((i, self.epoch) for i in self.indices().tolist())
-
-    def __len__(self) -> int:
-        return len(self.indices())
+        epoch, start_batch = self.epoch, self.start_batch
+        while self.batches:  # an empty split streams nothing (rather than looping forever)
+            yield from self.epoch_batches(epoch, start_batch)
+            epoch, start_batch = epoch + 1, 0
 
 
 class TorchvisionLoader:
-    def __init__(self, dataset: ShardDataset, sampler: EpochSampler, *, batch_size: int, train: bool,
-                 device: torch.device, dtype: torch.dtype, workers: int, seed: int):
-        self.sampler, self.device, self.dtype, self.started = sampler, device, dtype, False
-        self.loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                                 pin_memory=device.type == "cuda", drop_last=train,
-                                 persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+    """One DataLoader iteration (`stream`) serves epoch after epoch while the trainer asks for the continuation
+    (set_epoch(e + 1) after epoch e, or set_epoch(e, k) after batch k - 1 of e). Otherwise the stream restarts
+    at the asked position: the persistent workers finish the batches they had prefetched (at most
+    prefetch_factor x workers) and go on from there.
+
+    Measured on 2 cores, 2 workers, batch 32, 224 px crops of 512 px images, 202 batches per epoch: with a new
+    DataLoader iteration per epoch, the first batch of an epoch came 1.7-2.0 x the median interval within an
+    epoch after the previous epoch's last one (222-253 ms against 128 ms); with the stream, 0.3-0.5 x (27-46 ms
+    against 100 ms: the workers deliver in pairs, and the boundary falls where the in-epoch intervals do, 27 ms)."""
+
+    def __init__(self, dataset: ShardDataset, batches: BatchStream, *, device: torch.device, dtype: torch.dtype,
+                 workers: int, seed: int):
+        self.batches, self.device, self.dtype = batches, device, dtype
+        self.epoch, self.start_batch = 0, 0
+        self.stream, self.next_position = None, None  # the stream and the (epoch, batch) it yields next
+        # forkserver unless this process runs a single thread (pipelines/processes.py); workers get the dataset
+        # pickled (shard paths and index rows, the transform).
+        self.context = processes.context(TORCHVISION_PRELOAD) if workers else None
+        # Host -> device: pin_memory's thread pins each batch; __iter__ copies it non_blocking on the current
+        # stream, which the normalization and the model then use, so the copy is ordered before them with no
+        # sync (and the caching host allocator keeps the pinned buffer until the copy has run).
+        self.loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                                 multiprocessing_context=self.context,
+                                 generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return self.batches.batches
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.epoch = epoch
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, check_start_batch(start_batch, len(self))
 
-    def __iter__(self):
-        if self.loader.num_workers and not self.started:
+    def position(self, epoch: int, batch: int) -> tuple[int, int]:
+        """(epoch, batch) as the stream counts it: the end of an epoch is the start of the next one, and eval
+        epochs are all alike (the same order, no randomness), so evaluating again goes on with the stream."""
+        if batch == len(self):
+            epoch, batch = epoch + 1, 0
+        return (epoch if self.batches.train else 0), batch
+
+    def restart(self) -> None:
+        if self.context is not None and self.context.get_start_method() == "fork" and self.stream is None:
             # The workers fork here. A DALI pipeline left for the garbage collector in this process would be
             # destroyed in a worker, where its destructor blocks forever: collect it before forking.
             gc.collect()
-            self.started = True
-        for images, labels in self.loader:
+        self.batches.epoch, self.batches.start_batch = self.epoch, self.start_batch
+        self.stream = iter(self.loader)  # persistent workers: the same workers, reset to the new start
+        self.next_position = self.position(self.epoch, self.start_batch)
+
+    def __iter__(self):
+        if self.stream is None or self.next_position != self.position(self.epoch, self.start_batch):
+            self.restart()
+        epoch = self.epoch
+        for batch in range(self.start_batch, len(self)):
+            try:
+                images, labels = next(self.stream)
+            except BaseException:  # a sample that failed, Ctrl-C: where the stream stands is unknown, restart
+                self.next_position = None
+                raise
+            self.next_position = self.position(epoch, batch + 1)
             labels = labels.to(self.device, non_blocking=True)
             if isinstance(images, torch.Tensor):
                 yield normalize(images.to(self.device, non_blocking=True), self.dtype), labels
@@ -135,7 +190,7 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
         dataset = ShardDataset(shards, transform, seed, split, views)
     except ValueError as e:  # an index that does not parse
         raise DatasetError(f"{e}; {RECONVERT}") from None
-    sampler = EpochSampler(len(dataset), rank=rank, world_size=world_size, train=train, seed=seed)
+    batches = BatchStream(len(dataset), batch_size=batch_size, rank=rank, world_size=world_size, train=train,
+                          seed=seed)
     workers = default_workers(world_size) if workers is None else workers
-    return TorchvisionLoader(dataset, sampler, batch_size=batch_size, train=train, device=torch.device(device),
-                             dtype=dtype, workers=workers, seed=seed)
+    return TorchvisionLoader(dataset, batches, device=torch.device(device), dtype=dtype, workers=workers, seed=seed)

@@ -29,6 +29,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
                            TimeElapsedColumn, TimeRemainingColumn)
 from rich.text import Text
 
+from .. import processes
 from .beton import write_beton
 from .files import atomic_write_bytes, remove_tmp_files, sha256_file
 from .images import BadImage, prepare_image
@@ -460,7 +461,9 @@ def _convert(ctx: Context, src: Path, overwrite: bool) -> dict:
 
     records = {}
     clock["scanned"] = time.perf_counter()
-    ctx.pool = multiprocessing.Pool(ctx.workers, initializer=_ignore_sigint)
+    # fork only while this process runs one thread; else a forkserver (a process that called DALI, FFCV or
+    # torch first: their threads' locks would be copied held into forked children). processes.py has the costs.
+    ctx.pool = processes.context([__name__]).Pool(ctx.workers, initializer=_ignore_sigint)
     try:
         with make_progress(console) as ctx.progress:
             for split, samples in plan.items():
