@@ -52,18 +52,47 @@ def test_synthetic_eval_scores_chance(converted, tmp_path):
     assert json.loads((run / "summary.json").read_text())["final"]["holdout"]["top1"] < 0.6
 
 
-def test_resume_mid_epoch_continues_exactly(converted, tmp_path):
+class CountingLoader:
+    """A train loader that counts the batches it yields: a resumed run must not read the ones it trained."""
+
+    def __init__(self, inner, counts):
+        self.inner, self.counts = inner, counts
+
+    def __len__(self):
+        return len(self.inner)
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.inner.set_epoch(epoch, start_batch)
+
+    def __iter__(self):
+        for batch in self.inner:
+            self.counts.append(1)
+            yield batch
+
+
+@pytest.mark.parametrize("loader", ["torchvision", "dali"])
+def test_resume_mid_epoch_continues_exactly(converted, tmp_path, monkeypatch, loader):
     """Straight: 2 epochs. Interrupted: stop after step 13 (mid-epoch 2: 10 steps an epoch), then --resume.
-    The torchvision loader seeds each sample's augmentation from (seed, epoch, index) and the resumed run
-    skips the batches already trained, so both runs see the same batches; model, optimizer, scheduler and
-    RNG come back from the checkpoint. fp32 CPU kernels with the same threads are deterministic, so the
+    Both loaders make a batch's augmentation a function of its place in the run (torchvision seeds each sample
+    from (seed, epoch, index), dali's index reader draws on the host from (seed, epoch, rank, batch)) and the
+    resumed run seeks past the batches already trained, reading only the 7 left; model, optimizer, scheduler
+    and RNG come back from the checkpoint. fp32 CPU kernels with the same threads are deterministic, so the
     losses and weights must agree to float32 rounding (rtol 1e-5 only absorbs a different summation order)."""
+    if loader in LIBRARY:
+        pytest.importorskip(LIBRARY[loader])
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert main(args(converted, straight, "--set", "train.log_every=1")) == 0
-    assert main(args(converted, interrupted, "--set", "train.log_every=1", "--set", "train.stop_at_step=13")) == 0
+    assert main(args(converted, straight, "--set", "train.log_every=1", loader=loader)) == 0
+    assert main(args(converted, interrupted, "--set", "train.log_every=1", "--set", "train.stop_at_step=13",
+                     loader=loader)) == 0
     saved = checkpoint.load(interrupted / "checkpoints" / "last.pt")
     assert saved["position"]["step"] == 13 and saved["position"]["batch"] > 0  # mid-epoch
+    import training.run
+    build, read = training.run.build_loader, []
+    monkeypatch.setattr(training.run, "build_loader", lambda *a, train, **kw: CountingLoader(
+        build(*a, train=train, **kw), read) if train else build(*a, train=train, **kw))
     assert main(["--resume", str(interrupted)]) == 0
+    steps = len(records(straight, "train"))
+    assert len(read) == steps - 13  # the batches of the steps left, none of those trained before the stop
 
     def losses(run):
         return {r["step"]: r["loss"] for r in records(run, "train")}
