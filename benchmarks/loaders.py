@@ -231,6 +231,8 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=10, help="batches before the clock (default: %(default)s)")
     p.add_argument("--views", type=int, default=1, choices=[1, 2],
                    help="2: the two-view (SimCLR) augmentation; images/s then counts views (default: %(default)s)")
+    p.add_argument("--dali-webdataset", action="store_true",
+                   help="also measure DALI's sequential webdataset reader (reader=webdataset) beside its default")
     p.add_argument("--dali-hw-load", type=float, nargs="+", default=None,
                    help="GPU only: also sweep DALI's hw_decoder_load over these values")
     p.add_argument("--results", type=Path, default=record.RESULTS, help="where the JSON and markdown go")
@@ -247,6 +249,8 @@ def configurations(args, device: torch.device):
             continue
         for workers in args.workers:
             yield kind, workers, None, kind
+            if kind == "dali" and args.dali_webdataset:
+                yield kind, workers, {"reader": "webdataset"}, "dali reader=webdataset"
             if kind == "dali" and device.type == "cuda":
                 for load in args.dali_hw_load or []:
                     yield kind, workers, {"hw_decoder_load": load}, f"dali hw_decoder_load={load}"

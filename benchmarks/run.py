@@ -164,7 +164,9 @@ def run_part(part: str, suite: Suite, work: Path, results: Path, console: Consol
         build_data(suite, work, console)
     elif part == "loaders":
         for resolution in suite.resolutions:
-            codes.append(loaders_bench.main(["--data", str(dataset(work, resolution)), *common,
+            # DALI's webdataset reader beside its index reader, on the data the training part reads
+            readers = ["--dali-webdataset"] if resolution == suite.train_resolution else []
+            codes.append(loaders_bench.main(["--data", str(dataset(work, resolution)), *common, *readers,
                                              "--workers", str(max(suite.scaling_workers)), *suite.loader_args]))
         # the two-view (SimCLR) augmentation, on the data the training part reads
         codes.append(loaders_bench.main(["--data", str(dataset(work, suite.train_resolution)), *common,
