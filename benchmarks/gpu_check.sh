@@ -23,7 +23,8 @@
 #                    mode: one compile of the batch-256 graph)
 #   loaders    80 s  each loader alone at both stored sizes, and with two views: inside-epoch windows, two
 #                    epoch boundaries and two starts at each of 0, 50 and 90 % of an epoch per row
-#   tests      40 s  tests/test_loaders_gpu.py: the loaders' GPU paths
+#   tests      40 s  tests/test_loaders_gpu.py (the loaders' GPU paths) and the GPU tests of tests/test_no_sync.py
+#                    (no host-device sync per batch under torch.cuda.set_sync_debug_mode("error"))
 # and then, only with time left (not run for lack of it is no failure; these were measured before and change
 # least): scaling (each loader over 1, 2, 4, ... all cores, up to 90 s) and convert (the converter's images/s
 # per core, up to 30 s). The order puts first what has never been measured on a GPU. train_step rewrites its
@@ -102,7 +103,7 @@ step train 130 "${suite[@]}" --only train
 step compile 80 "${train[@]}" --kinds synthetic --batch-size "$small" --compile-mode "${modes[@]}" --fused false true
 step batch256 50 "${train[@]}" "${large[@]}"
 step loaders 80 "${suite[@]}" --only loaders
-step tests 40 "$py" -m pytest -q -p no:cacheprovider tests/test_loaders_gpu.py
+step tests 40 "$py" -m pytest -q -p no:cacheprovider tests/test_loaders_gpu.py tests/test_no_sync.py -k "gpu"
 extra scaling 90 "${suite[@]}" --only scaling
 extra convert 30 "${suite[@]}" --only convert
 
