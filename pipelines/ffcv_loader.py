@@ -118,6 +118,7 @@ class FfcvLoader:
         self.augment = augment  # views=2: device_augment.ColourAugment, run on each view
         self.epoch, self.start_batch = 0, 0
         self.ahead = None  # (epoch, EpochIterator) of the next epoch, started before this one ended
+        self.running = None  # the EpochIterator of the latest iteration
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -132,6 +133,11 @@ class FfcvLoader:
         return iter(self.loader)
 
     def epoch_iterator(self):
+        # An iteration left mid-epoch without being closed (a benchmark or trainer that moves on to another
+        # epoch and drops the generator) still has its decode thread: stop it before another one starts. Two
+        # EpochIterators decoding at once for one Loader stall each other (seen as a hang in FFCV's queues).
+        if self.running is not None and self.running.is_alive():
+            stop(self.running)
         ahead, self.ahead = self.ahead, None
         if ahead is not None:
             epoch, iterator = ahead
@@ -142,6 +148,7 @@ class FfcvLoader:
 
     def __iter__(self):
         epoch, iterator = self.epoch, self.epoch_iterator()
+        self.running = iterator
         try:
             for images, labels, *second_view in iterator:
                 if self.order.train and self.ahead is None and not iterator.is_alive():  # decoded: start the next

@@ -203,7 +203,7 @@ def test_cpu_suite_then_report(tmp_path):
         assert f"| {kind} epoch start, 2 workers, 512 px | <= 2 batch-times |" in text
         assert f"| {kind} first batch at 90 % of an epoch over at 0, 2 workers, 512 px | <= 2x |" in text
     assert "| epoch boundary ms (batch-times) | first batch at 0/50/90 % ms | ImageNet epoch images/s |" in text
-    assert "### Training: real input" in text and "### Training (simclr, two views per image" in text
+    assert "### Training (batch 8): real input" in text and "### Training (simclr, batch 8, two views per image" in text
 
 
 def test_gpu_suite_refuses_without_a_gpu(capsys):
