@@ -326,7 +326,11 @@ def test_a_linear_probe_keeps_the_backbone_in_eval_mode():
     model = build_network(config, build_objective(config), 8)
     frozen = freeze(model, config)
     optimizer = build_optimizer(model, config.optim)
-    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 8, (4,))) for _ in range(2)]
+    class Batches(list):  # two fixed batches behind the loader contract's set_epoch (train_epoch seeks)
+        def set_epoch(self, epoch, start_batch=0):
+            assert start_batch == 0
+
+    batches = Batches((torch.randn(4, 3, 32, 32), torch.randint(0, 8, (4,))) for _ in range(2))
     step = Step(model, optimizer, build_scheduler(optimizer, config.optim, steps_per_epoch=2, epochs=1), None,
                 contextlib.nullcontext, 0.0, 0.0, build_objective(config), tuple(frozen))
     assert train_epoch(step, batches, TrainState(), world_size=1, log_every=1, log=lambda r: None,
