@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import goals, record
-from benchmarks.loaders import batch_images, sync
+from benchmarks.loaders import LEAD, batch_images, close, sync
 from benchmarks.record import record_path, summarize, write_record
 from pipelines import KINDS, build_loader
 from pipelines.contract import LoaderUnavailable
@@ -48,10 +48,6 @@ from training.run import DTYPES, autocast_factory, compile_for_training
 GOALS = {"synthetic_images_per_s_h100": goals.SYNTHETIC,
          **{f"{kind}_vs_synthetic": target for kind, target in goals.VS_SYNTHETIC.items()}}
 EAGER = "none"  # --compile-mode for no torch.compile
-# Untimed steps after an epoch's start before a window's clock: the first batches of an epoch carry its start
-# (a pipeline built, workers started, a queue filled 2-3 batches deep: DALI's prefetch_queue_depth, FFCV's
-# batches_ahead), which an ImageNet epoch pays once in 18,016 batches of 64.
-LEAD = 2
 
 
 def train_flops_per_image(model: torch.nn.Module, image_size: int, device: torch.device, autocast) -> float:
@@ -127,7 +123,7 @@ class EpochCursor:
 
     def close(self) -> None:
         """Ends an iteration left before its epoch's end (a generator's `finally` releases its pipeline)."""
-        getattr(self.iterator, "close", lambda: None)()
+        close(self.iterator)
 
 
 def place_window(cursor: EpochCursor, step: Step, lead: int, steps: int) -> list[int]:
