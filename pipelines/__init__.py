@@ -24,6 +24,14 @@ if TYPE_CHECKING:
 KINDS = {"dali": "dali_loader", "ffcv": "ffcv_loader", "torchvision": "torchvision_ref", "synthetic": "synthetic"}
 
 
+def check_options(kind: str, options: dict | None) -> None:
+    """Raises ValueError for a loader kind or option that does not exist or has the wrong type, and
+    LoaderUnavailable when the kind's library is missing: checked before a run starts, not when it builds loaders."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown loader '{kind}'; choose from {', '.join(KINDS)}")
+    importlib.import_module(f".{KINDS[kind]}", __name__).parse(options)
+
+
 def build_loader(kind: str, data: Path | str, split: str, *, batch_size: int, image_size: int, train: bool,
                  device: torch.device | str, dtype: torch.dtype | None = None, rank: int = 0,
                  world_size: int = 1, seed: int = 0, workers: int | None = None,

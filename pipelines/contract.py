@@ -81,7 +81,8 @@ def parse_options(cls: type[Options], kind: str, options: Mapping[str, Any] | No
     values = {}
     for key, value in (options or {}).items():
         if key not in fields:
-            raise ValueError(f"unknown option '{key}' for the '{kind}' loader; known: {', '.join(fields)}")
+            known = f"known: {', '.join(fields)}" if fields else "it has none (data.options must be empty)"
+            raise ValueError(f"unknown option '{key}' for the '{kind}' loader; {known}")
         default = fields[key].default
         accepted = (int, float) if isinstance(default, float) else type(default)
         if isinstance(value, bool) != isinstance(default, bool) or not isinstance(value, accepted):

@@ -138,14 +138,21 @@ def dali_reason(message: str) -> str:
     return f"{operator.group(1)}: {cause}" if operator else cause
 
 
-def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bool, device: torch.device,
-          dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None,
-          options: dict | None = None, views: int = 1) -> DaliLoader:
+def parse(options: dict | None):
+    """The DaliOptions of `options`; ValueError for an unknown or ill-typed one, LoaderUnavailable without DALI."""
     require("nvidia.dali", "dali", "dali")
     from . import dali_pipeline as graphs
     opts = parse_options(graphs.DaliOptions, "dali", options)
     if opts.reader not in READERS:
         raise ValueError(f"option 'reader' of the 'dali' loader must be one of {', '.join(READERS)}, got {opts.reader!r}")
+    return opts
+
+
+def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bool, device: torch.device,
+          dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None,
+          options: dict | None = None, views: int = 1) -> DaliLoader:
+    from . import dali_pipeline as graphs
+    opts = parse(options)
     manifest = load_manifest(data)
     shards = dali_shards(data, manifest, split)
     check_files(data, manifest, [path for pair in shards for path in pair])

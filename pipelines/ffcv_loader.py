@@ -216,6 +216,15 @@ def _register_order() -> None:
     TraversalOrder.register(SeekableOrder)
 
 
+def parse(options: dict | None) -> FfcvOptions:
+    """The FfcvOptions of `options`; ValueError for an unknown or ill-typed one, LoaderUnavailable without FFCV."""
+    require("ffcv", "ffcv", "ffcv")
+    opts = parse_options(FfcvOptions, "ffcv", options)
+    if opts.order not in ("random", "quasi_random"):
+        raise ValueError(f"option 'order' of the 'ffcv' loader must be 'random' or 'quasi_random', got {opts.order!r}")
+    return opts
+
+
 def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bool, device: torch.device,
           dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None,
           options: dict | None = None, views: int = 1) -> FfcvLoader:
@@ -225,9 +234,7 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
     from ffcv.loader import Loader
     from ffcv.pipeline import PipelineSpec
     from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
-    opts = parse_options(FfcvOptions, "ffcv", options)
-    if opts.order not in ("random", "quasi_random"):
-        raise ValueError(f"option 'order' of the 'ffcv' loader must be 'random' or 'quasi_random', got {opts.order!r}")
+    opts = parse(options)
     manifest = load_manifest(data)
     beton = beton_file(data, manifest, split)
     check_files(data, manifest, [beton])

@@ -39,10 +39,15 @@ class SyntheticLoader:
             yield self.images, self.labels
 
 
+def parse(options: dict | None) -> NoOptions:
+    """The synthetic loader has no options beyond `workers`: any key is a ValueError that says so."""
+    return parse_options(NoOptions, "synthetic", options)
+
+
 def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bool, device: torch.device,
           dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None,
           options: dict | None = None, views: int = 1) -> SyntheticLoader:
-    parse_options(NoOptions, "synthetic", options)
+    parse(options)
     manifest = load_manifest(data)
     samples = len(rank_indices(split_info(data, manifest, split)["samples"], rank=rank, world_size=world_size,
                                train=train, seed=seed, epoch=0))

@@ -178,10 +178,15 @@ def ssl_transform(image_size: int) -> v2.Transform:
         v2.RandomApply([v2.GaussianBlur(size, sigma=SSL_BLUR_SIGMA)], p=SSL_BLUR_P)])
 
 
+def parse(options: dict | None) -> NoOptions:
+    """The torchvision loader has no options beyond `workers`: any key is a ValueError that says so."""
+    return parse_options(NoOptions, "torchvision", options)
+
+
 def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bool, device: torch.device,
           dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None,
           options: dict | None = None, views: int = 1) -> TorchvisionLoader:
-    parse_options(NoOptions, "torchvision", options)
+    parse(options)
     manifest = load_manifest(data)
     shards = dali_shards(data, manifest, split)
     check_files(data, manifest, [path for pair in shards for path in pair])
