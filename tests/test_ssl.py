@@ -334,7 +334,7 @@ def test_a_linear_probe_keeps_the_backbone_in_eval_mode():
     step = Step(model, optimizer, build_scheduler(optimizer, config.optim, steps_per_epoch=2, epochs=1), None,
                 contextlib.nullcontext, 0.0, 0.0, build_objective(config), tuple(frozen))
     assert train_epoch(step, batches, TrainState(), world_size=1, log_every=1, log=lambda r: None,
-                       progress=lambda b: None, stop_requested=lambda: False)
+                       progress=lambda b: None, window_end=lambda: False)
     assert model.head.training and not any(m.training for m in model.blocks.modules())
     x = batches[0][0]
     assert torch.equal(model.forward_head(model.forward_features(x), pre_logits=True),

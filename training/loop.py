@@ -78,9 +78,10 @@ def train_step(step: Step, images: torch.Tensor | tuple[torch.Tensor, ...], labe
 
 def train_epoch(step: Step, batches, state: TrainState, *, world_size: int, log_every: int,
                 log: Callable[[dict], None], progress: Callable[[int], None],
-                stop_requested: Callable[[], bool]) -> bool:
-    """Trains from batch `state.batch` to the end of `state.epoch`. Returns False when stopped early by a
-    signal (state.batch says where), True at the epoch's end. Raises NonFiniteLoss."""
+                window_end: Callable[[], bool]) -> bool:
+    """Trains from batch `state.batch` to the end of `state.epoch`. `window_end` is called at the end of each
+    log window but the epoch's last (run.py's saves a checkpoint when one is due) and returns whether to stop.
+    Returns False when stopped early (state.batch says where), True at the epoch's end. Raises NonFiniteLoss."""
     model = step.model
     model.train()
     for module in step.frozen:  # a frozen backbone must not update BN statistics or drop out
@@ -123,9 +124,9 @@ def train_epoch(step: Step, batches, state: TrainState, *, world_size: int, log_
                  "images_per_s": images_seen * world_size / elapsed, "input_wait": waited / elapsed})
             loss_sum.zero_()
             window_start, waited, images_seen, window_steps = time.perf_counter(), 0.0, 0, 0
-            # A signal is honoured here, at most log_every steps late: under DDP the ranks must agree on the
-            # step they stop at (stop_requested reduces the flag across them), and that takes a collective.
-            if not last and stop_requested():
+            # A signal, and a mid-epoch checkpoint, happen here, at most log_every steps late: under DDP the
+            # ranks must agree on the step they stop or save at (window_end reduces across them: a collective).
+            if not last and window_end():
                 return False
     return True
 

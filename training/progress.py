@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from . import rundir
 
 
 def describe(figures: dict) -> str:
@@ -23,7 +26,11 @@ def describe(figures: dict) -> str:
 
 
 class RunLog:
-    def __init__(self, run_dir: Path, config, *, main: bool, console: Console):
+    """`resume_step`: the optimizer step a resumed run continues from (0 for a run restarted from its beginning),
+    None for a new run. The metrics logged after it are superseded (training/rundir.py), and TensorBoard drops
+    its events after it (SummaryWriter's purge_step), so both read as one uninterrupted run."""
+
+    def __init__(self, run_dir: Path, config, *, main: bool, console: Console, resume_step: int | None = None):
         self.run_dir, self.main, self.console = run_dir, main, console
         self.rates: list[float] = []
         self.waits: list[float] = []
@@ -34,11 +41,16 @@ class RunLog:
         if not main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        tmp = run_dir / "config.yaml.tmp"  # a kill while writing must not leave a torn config.yaml to resume from
+        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+        os.replace(tmp, run_dir / "config.yaml")
+        superseded = rundir.supersede(run_dir, resume_step) if resume_step is not None else 0
         self.metrics = open(run_dir / "metrics.jsonl", "a")
+        if resume_step is not None:
+            self._write({"kind": "resume", "step": resume_step, "superseded": superseded})
         if importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir / "tb"))
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=resume_step + 1 if resume_step else None)
 
     @staticmethod
     def _noop(*_args, **_kwargs) -> None:

@@ -8,9 +8,17 @@
     torchrun --nproc-per-node 8 training/run.py --loader dali --data OUT # DDP, one process per GPU
 
 Flags set the common fields; `--set section.field=value` reaches any field of training/config.py. The run
-directory gets config.yaml, metrics.jsonl, summary.json, checkpoints/{last,best}.pt and, with tensorboard
-installed, TensorBoard events in tb/. SIGINT or SIGTERM: training runs to the end of the log interval, a
-checkpoint is saved, and the run exits 0 saying how to resume.
+directory gets config.yaml, metrics.jsonl, summary.json, checkpoints/{last,previous,best}.pt and, with
+tensorboard installed, TensorBoard events in tb/.
+
+Nothing is lost (README, "Resume, preemption, failures"):
+- A new run into a directory that holds a run is refused (exit 2); --overwrite moves the old run aside.
+- last.pt is saved every train.checkpoint_every_min minutes (default 10) and at each epoch's end, atomically,
+  with the one before kept as previous.pt. After a kill -9 at any moment, --resume RUN_DIR continues from the
+  newest complete one and ends with the weights an uninterrupted run has.
+- SIGINT or SIGTERM: training runs to the end of the log interval, a checkpoint is saved, and the run exits 0
+  saying how to resume. A checkpoint the disk refuses stops the run (exit 1) with the last good one in place.
+- A config mistake (a key, a loader option, a model keyword, a path) is exit 2 with one line, before any work.
 """
 from __future__ import annotations
 
@@ -26,13 +34,17 @@ if __package__ in (None, ""):  # `python training/run.py`: make the repository i
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 
-from pipelines import build_loader  # noqa: E402
+from pipelines import build_loader, check_options  # noqa: E402
 from pipelines.formats.manifest import DatasetError, load_manifest  # noqa: E402
-from training import checkpoint, knn  # noqa: E402
-from training.config import (Config, ConfigError, ModelConfig, apply_overrides, config_from_dict, load_config,
-                             preset_names)  # noqa: E402
+from training import checkpoint, knn, rundir  # noqa: E402
+from training import model as models  # noqa: E402
+from training.checkpoint import CheckpointError  # noqa: E402
+from training.config import (Config, ConfigError, ModelConfig, TrainConfig, apply_overrides, config_from_dict,
+                             load_config, preset_names)  # noqa: E402
 from training.distributed import Dist, cleanup, setup  # noqa: E402
 from training.loop import NonFiniteLoss, Step, TrainState, evaluate, train_epoch  # noqa: E402
 from training.objectives import (Objective, backbone_of, build_network, build_objective,  # noqa: E402
@@ -65,6 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="parent of the run directories (default: runs)")
     p.add_argument("--name", help="the run directory's name (default: <preset>-<loader>-<time>)")
     p.add_argument("--resume", help="a run directory or checkpoint to continue from (its config is reused)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run even where one exists: the old run directory is moved aside, not deleted")
     p.add_argument("--no-compile", action="store_true", help="train without torch.compile")
     p.add_argument("--objective", help="supervised | simclr | rotation")
     p.add_argument("--init", help="start from this checkpoint's backbone (a .pt file or a run directory)")
@@ -75,34 +89,81 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[Config, dict | None]:
-    """The preset, or the resumed run's saved config, then the flags, then --set."""
+def resolve_config(args: argparse.Namespace, say) -> tuple[Config, dict | None, Path | None]:
+    """The preset, or the resumed run's saved config, then the flags, then --set. For --resume, also the
+    checkpoint it continues from (None for a run stopped before its first one) and the run directory."""
     overrides = [f"{FLAGS[k]}={v}" for k, v in vars(args).items() if k in FLAGS and v is not None]
     overrides += ["model.compile=false"] if args.no_compile else []
     overrides += args.set
     if not args.resume:
-        return load_config(args.preset, overrides), None
-    saved = checkpoint.load(checkpoint.find(args.resume))
-    return apply_overrides(config_from_dict(saved["config"]), overrides), saved
+        return load_config(args.preset, overrides), None, None
+    if args.overwrite:
+        raise ConfigError("--overwrite starts a new run, --resume continues one: pass one of them")
+    given = Path(args.resume)
+    if given.is_file():  # a checkpoint named explicitly is used as it is, or not at all
+        saved = checkpoint.load(given, checkpoint.RESUME_KEYS)
+        return apply_overrides(config_from_dict(saved["config"]), overrides), saved, given.parent.parent
+    if not given.is_dir():
+        raise FileNotFoundError(f"--resume {given}: no such run directory or checkpoint file")
+    found = checkpoint.newest_complete(given, say)
+    if found is not None:
+        saved = found[1]
+        return apply_overrides(config_from_dict(saved["config"]), overrides), saved, given
+    saved_config = given / "config.yaml"
+    if not saved_config.is_file():
+        raise ConfigError(f"--resume {given}: not a run directory (it has neither checkpoints/{checkpoint.LAST} "
+                          "nor config.yaml)")
+    try:
+        config = config_from_dict(yaml.safe_load(saved_config.read_text()) or {})
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--resume {given}: {saved_config} is not valid YAML ({e})") from None
+    say(f"{given} has no checkpoint yet (it stopped before its first one): starting it from the beginning, in "
+        "the same directory, with its config.yaml")
+    return apply_overrides(config, overrides), None, given
 
 
-def run_directory(config: Config, args: argparse.Namespace) -> Path:
-    if args.resume:
-        found = checkpoint.find(args.resume)
-        return found.parent.parent
+def new_run_directory(config: Config) -> Path:
     name = config.run.name or f"{config.preset}-{config.data.loader}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     return Path(config.run.out) / name
 
 
-class StopFlag:
-    """SIGINT/SIGTERM, or train.stop_at_step reached: train to the end of the log interval, save, exit 0. A
-    second SIGINT stops at once."""
+def check_before_work(config: Config, manifest: dict) -> None:
+    """The mistakes that would otherwise surface only when the loaders or the model are built, after the run
+    directory exists: a loader option, a model keyword, a split the dataset lacks. Raises ConfigError."""
+    try:
+        check_options(config.data.loader, config.data.options)
+    except (ValueError, ImportError) as e:  # ImportError: the loader's library is not installed
+        raise ConfigError(f"data.options {config.data.options}: {e}" if isinstance(e, ValueError) else str(e)) from None
+    models.check(config.model, config.data.image_size)
+    splits = [s for s, info in manifest["splits"].items() if info["samples"]]
+    if config.data.train_split not in splits:
+        raise ConfigError(f"data.train_split: the dataset has no split '{config.data.train_split}' "
+                          f"(it has {', '.join(splits)})")
 
-    def __init__(self, console: Console, state: TrainState, at_step: int, device: torch.device):
+
+class WindowEnd:
+    """Called by train_epoch at the end of each log window, where the host already waits for the device. Saves
+    a mid-epoch checkpoint when train.checkpoint_every_min has passed since the last one, and says whether to
+    stop: SIGINT/SIGTERM, or train.stop_at_step reached (train to the end of the log interval, save, exit 0; a
+    second SIGINT stops at once). Under DDP the ranks reduce both decisions, so that they all save, or stop, at
+    the same step."""
+
+    def __init__(self, console: Console, state: TrainState, config: TrainConfig, device: torch.device,
+                 save, writer: checkpoint.Writer):
         self.requested, self.console, self.state, self.device = False, console, state, device
-        self.at_step = at_step if at_step > state.step else 0  # a resumed run goes past the step it stopped at
-        signal.signal(signal.SIGTERM, self._handle)
-        signal.signal(signal.SIGINT, self._handle)
+        self.at_step = config.stop_at_step if config.stop_at_step > state.step else 0  # a resume goes past it
+        self.every_s, self.save, self.writer = config.checkpoint_every_min * 60, save, writer
+        self.saved()
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def close(self) -> None:
+        """Puts back the handlers from before: a process forked after training (a multiprocessing pool's
+        worker) must die on the SIGTERM its pool sends it, not set this flag."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def saved(self) -> None:
+        self.last_save = time.monotonic()
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -113,13 +174,25 @@ class StopFlag:
 
     def __call__(self) -> bool:
         """Whether to stop; under DDP, true on every rank once any rank was signalled (a rank that stopped
-        alone would leave the others waiting in their next all-reduce)."""
-        stop = self.requested or 0 < self.at_step <= self.state.step
-        if torch.distributed.is_initialized():
-            flag = torch.tensor([int(stop)], device=self.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            stop = bool(flag.item())
+        alone would leave the others waiting in their next all-reduce). Raises the CheckpointError of a
+        background write that failed."""
+        self.writer.check()
+        stop, due = self._decide()
+        if due and not stop:  # a stop saves anyway
+            self.save()
         return stop
+
+    def stop_requested(self) -> bool:
+        return self._decide()[0]
+
+    def _decide(self) -> tuple[bool, bool]:
+        stop = self.requested or 0 < self.at_step <= self.state.step
+        due = 0 < self.every_s <= time.monotonic() - self.last_save
+        if torch.distributed.is_initialized():
+            flags = torch.tensor([int(stop), int(due)], device=self.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            stop, due = (bool(f) for f in flags.tolist())
+        return stop, due
 
 
 def autocast_factory(precision: str, device: torch.device):
@@ -166,28 +239,43 @@ def build_model(config: Config, objective: Objective, num_classes: int, dist: Di
     return network, freeze(backbone_of(network), config)
 
 
+def error(console: Console, message: object) -> None:
+    """One line, never wrapped, so that logs and scripts get the whole message; escaped: '[Errno 28]' is text."""
+    console.print(f"[red]error:[/red] {escape(str(message))}", soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console(stderr=True)
+    say = lambda text: console.print(escape(text), soft_wrap=True)  # noqa: E731
+    # Everything that can be wrong with the config, the paths or the run directory is found here, before a file
+    # is written: exit 2 with one line.
     try:
-        config, saved = resolve_config(args)
+        config, saved, resumed_dir = resolve_config(args, say)
         if not config.data.path:
             raise ConfigError("no dataset: pass --data OUT (the output of tools/convert_imagenet.py)")
         dist = setup(config.train.device)
         manifest = load_manifest(Path(config.data.path))
+        check_before_work(config, manifest)
         objective = build_objective(config)
         check_fused(config.optim, dist.device)
         model, frozen = build_model(config, objective, manifest["num_classes"], dist, saved, console)
-    except (ConfigError, DatasetError, FileNotFoundError, RuntimeError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        run_dir = resumed_dir or new_run_directory(config)
+        # Held until this process ends (a kill -9 frees it too): a second process on this directory is refused.
+        lock = rundir.claim(run_dir, resume=resumed_dir is not None, overwrite=args.overwrite,
+                            say=say) if dist.main else None
+    except (ConfigError, DatasetError, FileNotFoundError, RuntimeError) as e:  # CheckpointError included
+        error(console, e)
         return 2
-    run_dir = run_directory(config, args)
-    log = RunLog(run_dir, config, main=dist.main, console=console)
+    resume_step = None if resumed_dir is None else (saved["position"]["step"] if saved else 0)
+    log = RunLog(run_dir, config, main=dist.main, console=console, resume_step=resume_step)
     try:
         return train(config, saved, dist, manifest, run_dir, log, console, objective, model, frozen)
     finally:
         log.close()
         cleanup()
+        if lock is not None:
+            lock.close()
 
 
 def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_dir: Path, log: RunLog,
@@ -223,16 +311,18 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
     autocast = autocast_factory(config.train.precision, dist.device)
     step = Step(trained, optimizer, scheduler, scaler, autocast, config.optim.label_smoothing, config.optim.grad_clip,
                 objective, tuple(frozen))
-    stop = StopFlag(console, state, config.train.stop_at_step, dist.device)
     last_path = run_dir / "checkpoints" / checkpoint.LAST
+    writer = checkpoint.Writer()  # rank 0's checkpoints, written on a side thread
 
     def save_last() -> None:
         if dist.main:
-            checkpoint.save(last_path, {
+            writer.save(last_path, {
                 "num_classes": num_classes, **checkpoint_weights(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
                 "position": {"epoch": state.epoch, "batch": state.batch, "step": state.step},
-                "best": state.best, "rng": checkpoint.rng_state(), "config": config.to_dict()})
+                "best": state.best, "rng": checkpoint.rng_state(), "config": config.to_dict()}, keep_previous=True)
+        window_end.saved()
+    window_end = WindowEnd(console, state, config.train, dist.device, save_last, writer)
 
     def evaluate_all() -> tuple[dict, str]:
         """Supervised: top-1/top-5 on each eval split. Self-supervised: k-NN top-1 of the frozen backbone's
@@ -245,36 +335,50 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
 
     start = time.perf_counter()
     log.start(epochs=config.train.epochs, steps=len(train_batches), state=state)
-    while state.epoch < config.train.epochs:
-        try:
-            finished = train_epoch(step, train_batches, state, world_size=dist.world_size,
-                                   log_every=config.train.log_every, log=log.train, progress=log.progress,
-                                   stop_requested=stop)
-        except NonFiniteLoss as e:
-            kept = f"the last good checkpoint is {last_path}" if last_path.exists() else "no checkpoint was saved"
-            console.print(f"[red]stopped:[/red] {e}. Nothing was saved over it: {kept}. Try a lower optim.lr, "
-                          "a longer optim.warmup_epochs or --set optim.grad_clip=1.0")
-            return 1
-        if not finished:
-            save_last()
-            console.print(f"stopped at epoch {state.epoch}, batch {state.batch} (step {state.step}); "
-                          f"checkpoint {last_path}\nresume with: python training/run.py --resume {run_dir}")
-            return 0
-        state.epoch, state.batch = state.epoch + 1, 0
-        if state.epoch % config.train.eval_every == 0 or state.epoch == config.train.epochs:
-            results, metric = evaluate_all()
-            log.evaluation(state, results)
-            holdout = results.get("holdout") or next(iter(results.values()), None)
-            if holdout and holdout[metric] > state.best.get(metric, -1.0):
-                state.best = {**holdout, "epoch": state.epoch}
-                if dist.main:
-                    checkpoint.save(run_dir / "checkpoints" / checkpoint.BEST,
+    try:
+        while state.epoch < config.train.epochs:
+            try:
+                finished = train_epoch(step, train_batches, state, world_size=dist.world_size,
+                                       log_every=config.train.log_every, log=log.train, progress=log.progress,
+                                       window_end=window_end)
+            except NonFiniteLoss as e:
+                writer.wait()  # a checkpoint being written is from before the bad window: a good one
+                kept = f"the last good checkpoint is {last_path}" if last_path.exists() else "no checkpoint was saved"
+                console.print(f"[red]stopped:[/red] {escape(str(e))}. Nothing was saved over it: {kept}. Try a "
+                              "lower optim.lr, a longer optim.warmup_epochs or --set optim.grad_clip=1.0")
+                return 1
+            if not finished:
+                save_last()
+                writer.wait()
+                console.print(f"stopped at epoch {state.epoch}, batch {state.batch} (step {state.step}); "
+                              f"checkpoint {last_path}\nresume with: python training/run.py --resume {run_dir}")
+                return 0
+            state.epoch, state.batch = state.epoch + 1, 0
+            if state.epoch % config.train.eval_every == 0 or state.epoch == config.train.epochs:
+                results, metric = evaluate_all()
+                log.evaluation(state, results)
+                holdout = results.get("holdout") or next(iter(results.values()), None)
+                if holdout and holdout[metric] > state.best.get(metric, -1.0):
+                    state.best = {**holdout, "epoch": state.epoch}
+                    if dist.main:
+                        writer.save(run_dir / "checkpoints" / checkpoint.BEST,
                                     {"num_classes": num_classes, **checkpoint_weights(model),
                                      "config": config.to_dict(), "metrics": holdout, "epoch": state.epoch})
-        save_last()
-        if stop():
-            console.print(f"stopped after epoch {state.epoch}; resume with: python training/run.py --resume {run_dir}")
-            return 0
+            save_last()
+            if window_end.stop_requested():
+                writer.wait()
+                console.print(f"stopped after epoch {state.epoch}; resume with: python training/run.py --resume "
+                              f"{run_dir}")
+                return 0
+        writer.wait()
+    except CheckpointError as e:
+        error(console, f"{e}. Training stopped. Free space or fix the directory's permissions, then continue "
+                       f"with: python training/run.py --resume {run_dir}")
+        return 1
+    finally:
+        window_end.close()
+        with contextlib.suppress(CheckpointError):
+            writer.wait()  # a write still running ends before the process does (an error was reported above)
     summary = log.finish(state, wall_s=time.perf_counter() - start)
     if dist.main:
         console.print_json(json.dumps(summary))
