@@ -176,13 +176,23 @@ def test_checkpoint_loads_into_timm(converted, tmp_path):
 
 def test_two_process_gloo_ddp_covers_the_data(converted, tmp_path):
     """torchrun, 2 CPU processes: each rank trains half of each epoch's permutation (168 train images -> 84
-    per rank -> 5 steps of 16), the holdout is evaluated once across the ranks, and only rank 0 writes."""
+    per rank -> 5 steps of 16), the holdout is evaluated once across the ranks, and only rank 0 writes. The run
+    saves a mid-epoch checkpoint at every log window (the ranks agree on the step through the window's
+    all-reduce), stops after step 3 and is resumed under torchrun."""
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           str(ROOT / "training/run.py"), *args(converted, run, epochs=1)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+                str(ROOT / "training/run.py")]
+    every_step = ["--set", "train.log_every=1", "--set", "train.checkpoint_every_min=1e-6"]
+    for extra in ([*args(converted, run, *every_step, "--set", "train.stop_at_step=3", epochs=1)],
+                  ["--resume", str(run), "--set", "train.stop_at_step=0"]):
+        done = subprocess.run(torchrun + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        if "--resume" not in extra:
+            saved = checkpoint.load(run / "checkpoints" / "previous.pt")
+            assert saved["position"] == {"epoch": 0, "batch": 2, "step": 2}  # a mid-epoch one, from rank 0
+            assert checkpoint.load(run / "checkpoints" / "last.pt")["position"]["step"] == 3
+    assert "resuming" in done.stderr and "at epoch 0, batch 3" in " ".join(done.stderr.split())
     summary = json.loads((run / "summary.json").read_text())
     manifest = load_manifest(converted[0])
     assert summary["final"]["holdout"]["samples"] == manifest["splits"]["holdout"]["samples"]
