@@ -40,10 +40,12 @@ demo: setup
 	  --name tiny_cpu-dali
 	@echo "demo output: $(DEMO)/converted (the converted dataset), $(DEMO)/runs/tiny_cpu-dali (the run)"
 
-# The CPU benchmark suite (about 17 minutes on 2 cores, 1.5 of them building its data in build/bench), then the report:
+# The CPU benchmark suite (about 17 minutes on 2 cores, 1.5 of them building its data in build/bench), what a
+# ViT-B/16 checkpoint costs training (about a minute), then the report:
 # benchmarks/report.md, its charts, and the README's Results tables.
 bench: setup
 	$(PY) -m benchmarks.run --suite cpu
+	$(PY) -m benchmarks.checkpoint
 	$(PY) -m benchmarks.report --readme README.md
 
 bench-convert: setup

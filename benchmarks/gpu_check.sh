@@ -27,7 +27,8 @@
 #                    (no host-device sync per batch under torch.cuda.set_sync_debug_mode("error"))
 # and then, only with time left (not run for lack of it is no failure; these were measured before and change
 # least): scaling (each loader over 1, 2, 4, ... all cores, up to 90 s) and convert (the converter's images/s
-# per core, up to 30 s). The order puts first what has never been measured on a GPU. train_step rewrites its
+# per core, up to 30 s) and checkpoint (what a mid-epoch checkpoint of ViT-B/16 costs training, up to 30 s,
+# benchmarks/checkpoint.py). The order puts first what has never been measured on a GPU. train_step rewrites its
 # record after every row, so a part that reaches its limit still returns the rows it measured.
 # The records are packed into RESULTS_DIR/records.tar beside steps.log (every part's output, with each part's
 # time: the figures to re-budget from) and environment.txt: three files, however many records.
@@ -106,6 +107,8 @@ step loaders 80 "${suite[@]}" --only loaders
 step tests 40 "$py" -m pytest -q -p no:cacheprovider tests/test_loaders_gpu.py tests/test_no_sync.py -k "gpu"
 extra scaling 90 "${suite[@]}" --only scaling
 extra convert 30 "${suite[@]}" --only convert
+extra checkpoint 30 "$py" -m benchmarks.checkpoint --dir "$work/checkpoints" --results "$work/records" \
+  $( (( ${#dry[@]} )) && echo --preset tiny_cpu --repeats 1)
 
 tar -cf "$results/records.tar" -C "$work/records" .
 echo

@@ -113,6 +113,8 @@ def figures(r: dict) -> dict[str, float]:
         for row in r["results"]:
             what = f"train {objective(r) + ' ' if objective(r) else ''}{row['kind']}"
             out[f"{what}, batch {row['batch_size']}"] = row["images_per_s"]["median"]
+    elif r["benchmark"] == "checkpoint":
+        out[f"checkpoint: training time lost per {r['preset']} checkpoint, s"] = r["blocked_s"]
     elif r["benchmark"] == "convert":
         for workers, row in r["results"].items():
             out[f"convert end to end per core, {workers} workers"] = row["total_images_per_s_per_core"]["median"]
@@ -279,6 +281,19 @@ def render(records: list[dict], out: Path) -> str:
             for workers, row in convert["results"].items():
                 lines.append(f"| {workers} | {row['total_images_per_s_per_core']['median']:,.0f} |")
             lines += ["", f"record {convert['_file']} (commit {convert['commit']})", ""]
+        saved = latest.get(("checkpoint", m, ""))
+        if saved:
+            lines += ["### Mid-epoch checkpoints", "",
+                      "The training state saved by training/checkpoint.py's Writer: the training thread waits for the "
+                      "host copy; a side thread writes while training goes on, its steps slowed by the factor shown "
+                      f"({saved['step_preset']} steps on {saved['device']}). Cost: the time training loses per "
+                      "checkpoint, and its share of training time at the default interval.", "",
+                      "| state | file | training waits | side-thread write | steps meanwhile | lost per checkpoint "
+                      "| share at one every N min |", "|---|---:|---:|---:|---:|---:|---:|",
+                      f"| {saved['preset']} | {saved['file_bytes'] / 1e9:.2f} GB | {saved['snapshot_s']['median']:.2f} s "
+                      f"| {saved['write_s']['median']:.2f} s | x{saved['step_slowdown']:.2f} | {saved['blocked_s']:.2f} s "
+                      f"| {saved['cost_share']:.2%} (N = {saved['interval_min']:g}) |",
+                      "", f"record {saved['_file']} (commit {saved['commit']})", ""]
     text = "\n".join(lines) + "\n"
     out.write_text(text)
     return text

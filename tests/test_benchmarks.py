@@ -159,10 +159,10 @@ def test_gpu_check_dry_run(tmp_path):
     assert names == {"environment.txt", "steps.log", "records.tar"}  # the GPU machine returns at most 8 files
     with tarfile.open(tmp_path / "results" / "records.tar") as tar:
         records = [n for n in tar.getnames() if n.endswith(".json")]
-    assert {n.split("/")[-1].split("-")[0] for n in records} == {"loaders", "train_step", "convert"}
+    assert {n.split("/")[-1].split("-")[0] for n in records} == {"loaders", "train_step", "convert", "checkpoint"}
     log = (tmp_path / "results" / "steps.log").read_text()
     assert all(f"== {step}:" in log for step in ("data", "train", "compile", "batch256", "loaders", "scaling", "tests",
-                                                 "convert"))
+                                                 "convert", "checkpoint"))
 
 
 def test_gpu_check_reports_what_the_budget_left_out(tmp_path):
@@ -404,3 +404,20 @@ def test_a_failing_loader_costs_only_its_own_rows(converted, tmp_path, monkeypat
     r = record(tmp_path, "loaders")
     assert [row["label"] for row in r["results"]] == ["synthetic"]
     assert r["failed"] == [{"label": "torchvision", "workers": 1, "error": "RuntimeError: injected"}]
+
+
+def test_checkpoint_benchmark_writes_real_checkpoints_and_projects_the_cost(tmp_path):
+    """The tiny preset's state through the trainer's Writer: a record with the training thread's wait, the side
+    thread's write, the step slowdown meanwhile and the share of an interval; the written files load back."""
+    from benchmarks import checkpoint as bench
+    from training import checkpoint
+    assert bench.main(["--preset", "tiny_cpu", "--repeats", "2", "--dir", str(tmp_path / "ckpt"),
+                       "--results", str(tmp_path / "records")]) == 0
+    record = json.loads(next((tmp_path / "records").glob("checkpoint-*.json")).read_text())
+    assert record["snapshot_s"]["median"] > 0 and record["write_s"]["median"] > 0
+    assert len(record["write_s"]["repeats"]) == 2 and record["step_slowdown"] > 0
+    assert record["cost_share"] == pytest.approx(record["blocked_s"] / (record["interval_min"] * 60))
+    assert record["file_bytes"] >= record["state_bytes"] and record["commit"]
+    for name in ("last.pt", "previous.pt"):
+        saved = checkpoint.load(tmp_path / "ckpt" / name)  # the CRC checked
+        assert saved["position"] == {"step": 1} and saved["model"]
