@@ -79,7 +79,7 @@ def measure(state: dict, step, path: Path, repeats: int) -> dict:
         start = time.perf_counter()
         writer.save(path, state, keep_previous=True)
         snapshots.append(time.perf_counter() - start)
-        while writer._thread is not None and writer._thread.is_alive():
+        while writer.busy:
             busy.append(step())
         writer.wait()
         writes.append(time.perf_counter() - start - snapshots[-1])

@@ -178,9 +178,14 @@ class Writer:
         except BaseException as e:  # raised on the training thread
             self._error = e
 
+    @property
+    def busy(self) -> bool:
+        """Whether a write is still running."""
+        return self._thread is not None and self._thread.is_alive()
+
     def check(self) -> None:
         """Raises the error of a write that has failed, without waiting for one still running."""
-        if self._thread is not None and not self._thread.is_alive():
+        if self._thread is not None and not self.busy:
             self.wait()
 
     def wait(self) -> None:

@@ -101,14 +101,14 @@ def resolve_config(args: argparse.Namespace, say) -> tuple[Config, dict | None, 
         raise ConfigError("--overwrite starts a new run, --resume continues one: pass one of them")
     given = Path(args.resume)
     if given.is_file():  # a checkpoint named explicitly is used as it is, or not at all
-        saved = checkpoint.load(given, checkpoint.RESUME_KEYS)
-        return apply_overrides(config_from_dict(saved["config"]), overrides), saved, given.parent.parent
-    if not given.is_dir():
+        saved, run_dir = checkpoint.load(given, checkpoint.RESUME_KEYS), given.parent.parent
+    elif given.is_dir():
+        found, run_dir = checkpoint.newest_complete(given, say), given
+        saved = found[1] if found else None
+    else:
         raise FileNotFoundError(f"--resume {given}: no such run directory or checkpoint file")
-    found = checkpoint.newest_complete(given, say)
-    if found is not None:
-        saved = found[1]
-        return apply_overrides(config_from_dict(saved["config"]), overrides), saved, given
+    if saved is not None:
+        return apply_overrides(config_from_dict(saved["config"]), overrides), saved, run_dir
     saved_config = given / "config.yaml"
     if not saved_config.is_file():
         raise ConfigError(f"--resume {given}: not a run directory (it has neither checkpoints/{checkpoint.LAST} "
