@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from .contract import Loader
+    from .contract import Loader, RandAugment, Ramp
 
 # kind -> module in this package
 KINDS = {"dali": "dali_loader", "ffcv": "ffcv_loader", "torchvision": "torchvision_ref", "synthetic": "synthetic"}
@@ -35,15 +35,21 @@ def check_options(kind: str, options: dict | None) -> None:
 def build_loader(kind: str, data: Path | str, split: str, *, batch_size: int, image_size: int, train: bool,
                  device: torch.device | str, dtype: torch.dtype | None = None, rank: int = 0,
                  world_size: int = 1, seed: int = 0, workers: int | None = None,
-                 options: dict | None = None, views: int = 1) -> Loader:
+                 options: dict | None = None, views: int = 1, rand_augment: RandAugment | None = None,
+                 ramp: Ramp | None = None) -> Loader:
+    """rand_augment and ramp are for train loaders (contract.py); an eval loader reads at image_size."""
     if kind not in KINDS:
         raise ValueError(f"unknown loader '{kind}'; choose from {', '.join(KINDS)}")
     import torch
 
     from .contract import check_views
     check_views(views, train)
+    if not train and (rand_augment is not None or ramp is not None):
+        raise ValueError("rand_augment and ramp are for train loaders; eval reads image_size center crops")
+    if views == 2 and rand_augment is not None:
+        raise ValueError("rand_augment is for views=1: the two-view loaders apply SimCLR's augmentation")
     module = importlib.import_module(f".{KINDS[kind]}", __name__)
     return module.build(Path(data), split, batch_size=batch_size, image_size=image_size, train=train,
                         device=torch.device(device), dtype=dtype or torch.float32, rank=rank,
                         world_size=world_size, seed=seed, workers=workers, options=options,
-                        views=views)
+                        views=views, rand_augment=rand_augment, ramp=ramp)

@@ -11,7 +11,11 @@
   Iterating again without a new `set_epoch` repeats that epoch from `start_batch`.
 - No host-device sync per batch: constants live on the device, made once; counters stay on the device.
 
-Train: random-resized-crop with torchvision's ranges, then a horizontal flip with p = 0.5.
+Train: random-resized-crop with torchvision's ranges, then a horizontal flip with p = 0.5; with `rand_augment`
+(a RandAugment, timm's "rand-m9-mstd0.5-inc1"), RandAugment per sample on the uint8 pixels of the crop, before
+normalization (after the flip, as timm; dali applies it before its flip, which only swaps the sign of a geometric
+operation, drawn as often either way). With `ramp` (progressive resolution), the batches of epoch e are ramp.size(e) px square; an
+epoch's first batch at a new size costs no more than any other (no pipeline rebuilt at the epoch start).
 Eval: resize the shorter side to image_size / 0.875, then center-crop; every sample once per epoch across ranks.
 
 Two views (`views=2`, train only), for self-supervised pre-training (SimCLR, MoCo v3): iterating yields
@@ -49,6 +53,82 @@ SSL_GRAY_P = 0.2
 SSL_BLUR_P = 0.5
 SSL_BLUR_SIGMA = (0.1, 2.0)  # pixels, drawn uniformly per view
 VIEWS = (1, 2)
+
+
+# RandAugment as DeiT trains with it (Touvron et al. 2021, "Training data-efficient image transformers"), in timm's
+# notation "rand-m9-mstd0.5-inc1": 2 operations per image, each drawn per sample (with replacement) from timm's
+# increasing-severity set and applied with p 0.5, at a magnitude drawn per operation from N(9, 0.5) clipped to
+# [0, 10], with a random sign for the signed ones (timm/data/auto_augment.py, rand_augment_transform).
+RAND_AUGMENT_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
+                    "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY")
+RAND_AUGMENT_P = 0.5  # timm's per-operation probability
+RAND_AUGMENT_MAX = 10.0  # timm's magnitude scale: magnitude / 10 of each operation's range
+RAND_AUGMENT_FILL = (124, 116, 104)  # what geometric operations fill with: timm's img_mean (ImageNet's, 0-255)
+
+
+@dataclasses.dataclass(frozen=True)
+class RandAugment:
+    """The RandAugment a train loader applies per sample, after the crop and flip, before normalization."""
+    ops: int = 2  # operations per image
+    magnitude: float = 9.0  # of RAND_AUGMENT_MAX
+    std: float = 0.5  # of the per-operation magnitude; 0: always `magnitude`
+
+    @classmethod
+    def parse(cls, text: str) -> "RandAugment | None":
+        """timm's config string ("rand-m9-mstd0.5-inc1", "rand-n3-m7") -> RandAugment; "" -> None (off).
+        Only timm's increasing set is offered (inc1, DeiT's); "inc0" is refused rather than silently replaced."""
+        if not text:
+            return None
+        parts = text.split("-")
+        if parts[0] != "rand":
+            raise ValueError(f"rand_augment '{text}': expected timm's form 'rand-m9-mstd0.5-inc1'")
+        values = {}
+        for part in parts[1:]:
+            key = next((k for k in ("mstd", "inc", "n", "m") if part.startswith(k)), None)
+            try:
+                values[key] = float(part[len(key):]) if key else None
+            except ValueError:
+                key = None
+            if key is None:
+                raise ValueError(f"rand_augment '{text}': cannot read '{part}' (known: n<ops>, m<magnitude>, "
+                                 "mstd<std>, inc1)")
+        if values.get("inc", 1) != 1:
+            raise ValueError(f"rand_augment '{text}': only timm's increasing operation set (inc1) is implemented")
+        spec = cls(ops=int(values.get("n", 2)), magnitude=values.get("m", 9.0), std=values.get("mstd", 0.5))
+        if spec.ops < 1 or not 0 <= spec.magnitude <= RAND_AUGMENT_MAX or spec.std < 0:
+            raise ValueError(f"rand_augment '{text}': needs n >= 1, 0 <= m <= 10 and mstd >= 0")
+        return spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Ramp:
+    """Progressive resolution, as ffcv-imagenet trains: epochs up to start_epoch at start_size, then a linear
+    ramp rounded to multiples of `step`, reaching end_size at end_epoch and staying there."""
+    start_size: int
+    end_size: int
+    start_epoch: int
+    end_epoch: int
+    step: int = 32
+
+    def size(self, epoch: int) -> int:
+        if epoch <= self.start_epoch:
+            return self.start_size
+        if epoch >= self.end_epoch:
+            return self.end_size
+        share = (epoch - self.start_epoch) / (self.end_epoch - self.start_epoch)
+        return int(round((self.start_size + share * (self.end_size - self.start_size)) / self.step)) * self.step
+
+    def sizes(self, epochs: int) -> list[int]:
+        return [self.size(epoch) for epoch in range(epochs)]
+
+    def distinct_sizes(self) -> list[int]:
+        """Every size the ramp trains at, smallest first (torch.compile builds one graph for each)."""
+        return sorted(set(self.sizes(self.end_epoch + 1)))
+
+
+def train_size(image_size: int, ramp: Ramp | None, epoch: int) -> int:
+    """The side of epoch `epoch`'s train batches: the ramp's size, or image_size without one."""
+    return image_size if ramp is None else ramp.size(epoch)
 
 
 class Loader(Protocol):
