@@ -15,6 +15,11 @@ Reader "webdataset": each train epoch gets a fresh pipeline seeded with (seed, e
 boundary, so an epoch would depend on the ones before it. That reader cannot seek: a start_batch is reached by
 reading the batches before it. Eval reads shards that stick to their rank and pads the last batch; the
 iterator drops the padding; one pipeline serves every evaluation.
+
+Train, views=1: `rand_augment` adds RandAugment to the graph (dali_pipeline._rand_augment), built with DALI's
+conditionals, which only these graphs turn on; `ramp` sets epoch e's side to ramp.size(e): through the index
+reader's source, per sample, on the running pipeline (no rebuild at an epoch start: DALIGenericIterator takes the
+new shape as it comes); for the webdataset reader, in the epoch's fresh pipeline. Eval reads image_size.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .contract import batches_per_epoch, check_start_batch, default_workers, parse_options, rank_indices, require
+from .contract import (RandAugment, Ramp, batches_per_epoch, check_start_batch, default_workers, parse_options,
+                       rank_indices, require, train_size)
 from .formats.manifest import RECONVERT, DatasetError, check_files, dali_shards, load_manifest, split_info
 
 # ImageNet's largest JPEG is about 6,000 px on a side; DALI's ResNet-50 example pre-sizes for 5,980 x 6,430.
@@ -150,9 +156,14 @@ def parse(options: dict | None):
 
 def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bool, device: torch.device,
           dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None,
-          options: dict | None = None, views: int = 1) -> DaliLoader:
+          options: dict | None = None, views: int = 1, rand_augment: RandAugment | None = None,
+          ramp: Ramp | None = None) -> DaliLoader:
     from . import dali_pipeline as graphs
     opts = parse(options)
+    if (rand_augment is not None or ramp is not None) and (views != 1 or not train):
+        raise ValueError("the dali loader applies rand_augment and ramp to train loaders with views=1")
+    # the train graph's extra arguments; conditionals (the `if`s of RandAugment's split) only where it runs
+    augment = {"rand_augment": rand_augment, "enable_conditionals": True} if rand_augment is not None else {}
     manifest = load_manifest(data)
     shards = dali_shards(data, manifest, split)
     check_files(data, manifest, [path for pair in shards for path in pair])
@@ -169,13 +180,14 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
     where = f"split '{split}' of {data} ({len(shards)} shards in {shards[0][0].parent})"
     if opts.reader == "index":
         return _indexed(shards, samples, train=train, views=views, rank=rank, world_size=world_size, seed=seed,
-                        dtype=dtype, where=where, common=common)
+                        dtype=dtype, where=where, common=common | augment, rand_augment=rand_augment, ramp=ramp)
     definition = graphs.two_view_pipeline if views == 2 else graphs.train_pipeline if train else graphs.eval_pipeline
     pipeline_shards = [(str(t), str(i)) for t, i in shards]
 
     def make_pipeline(epoch: int):
         pipeline = definition(pipeline_shards, shard_id=(rank + epoch) % world_size, num_shards=world_size,
-                              seed=dali_seed(seed, epoch), **common)
+                              seed=dali_seed(seed, epoch), **(common | augment |
+                              {"image_size": train_size(image_size, ramp, epoch) if train else image_size}))
         pipeline.build()
         return pipeline
 
@@ -186,14 +198,16 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
 
 
 def _indexed(shards, samples: int, *, train: bool, views: int, rank: int, world_size: int, seed: int,
-             dtype: torch.dtype, where: str, common: dict) -> DaliLoader:
+             dtype: torch.dtype, where: str, common: dict, rand_augment: RandAugment | None,
+             ramp: Ramp | None) -> DaliLoader:
     from . import dali_pipeline as graphs
     from .dali_source import IndexedSource, Plan
     per_rank = len(rank_indices(samples, rank=rank, world_size=world_size, train=train, seed=seed, epoch=0))
     batches = batches_per_epoch(per_rank, common["batch_size"], train)
     try:
         source = IndexedSource(shards, Plan(samples=samples, batch_size=common["batch_size"], batches=batches,
-                                            train=train, seed=seed, rank=rank, world_size=world_size), views=views)
+                                            train=train, seed=seed, rank=rank, world_size=world_size), views=views,
+                               rand_augment=rand_augment, ramp=ramp)
     except (ValueError, KeyError) as e:  # an index that does not parse
         raise DatasetError(f"{where}: {e}; {RECONVERT}") from None
     definition = graphs.indexed_two_view_pipeline if views == 2 else \

@@ -15,17 +15,41 @@ flip and normalize on `gpu`) and, with `device_id=None`, on CPU operators, so th
 
 `two_view_pipeline` (views=2) decodes each image once, in full, and cuts two SimCLR views from it, each with its
 own random operators (`_simclr_view`); the second output is the second view.
+
+RandAugment (train, views=1, `rand_augment`): `_rand_augment` runs timm's 15 operations (contract.RAND_AUGMENT_OPS,
+"rand-m9-mstd0.5-inc1") on the uint8 HWC images after the crop and resize, before crop_mirror_normalize, so before
+the flip (timm flips first; the flip commutes with the pointwise operations, and turns a signed geometric one's
+magnitude into its negative, which is drawn as often: the same distribution; ShearY also moves from the left edge
+to the right one). Per sample and layer
+the operation is picked by DALI's conditional split (auto_aug.core.select: `if` on per-sample indices, so each
+operator runs only on the samples that picked it) among the 15 and the identity, which stands for timm's
+"not applied" (p 0.5). The draws come from the host for the index reader (dali_source.rand_augment_draws, part of
+the batch's position) and from DALI's random operators, seeded by the pipeline, for webdataset (`_random_draws`).
+The graphs are built with conditionals only when RandAugment is on (dali_loader passes enable_conditionals), so
+the graphs without it are the operators they were.
+
+Progressive resolution (a Ramp): the index reader's source hands the epoch's side per sample ("size", fn.resize's
+`size`), so one pipeline changes resolution at an epoch boundary; the webdataset reader builds a pipeline per
+epoch anyway and gets the epoch's image_size.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
+from nvidia.dali.auto_aug import augmentations as aug
+from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
+from nvidia.dali.pipeline import do_not_convert
 
-from .contract import (CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, SSL_BLUR_P, SSL_BLUR_SIGMA, SSL_BRIGHTNESS,
-                       SSL_CONTRAST, SSL_FLIP_P, SSL_GRAY_P, SSL_HUE, SSL_JITTER_P, SSL_SATURATION, blur_kernel_size,
+from .contract import (CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_FILL, RAND_AUGMENT_MAX,
+                       RAND_AUGMENT_OPS, RAND_AUGMENT_P, SSL_BLUR_P, SSL_BLUR_SIGMA, SSL_BRIGHTNESS, SSL_CONTRAST,
+                       SSL_FLIP_P, SSL_GRAY_P, SSL_HUE, SSL_JITTER_P, SSL_SATURATION, RandAugment, blur_kernel_size,
                        eval_resize)
+from .dali_source import MAGNITUDE_BINS, NOT_APPLIED
 
 READER = "reader"  # the reader's name: the iterator asks it for the epoch size and shard padding
 
@@ -81,16 +105,159 @@ def _normalize(images, *, gpu: bool, half: bool, crop: int | None = None, mirror
         mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD], mirror=mirror, **args)
 
 
-@pipeline_def(enable_conditionals=False)
+# RandAugment's operations with timm's arguments (timm/data/auto_augment.py, *_level_to_arg). An augmentation's
+# mag_range spans timm's argument at magnitude 0 to 10 over DALI's 31 bins, so bin b is timm's magnitude b / 3; the
+# operations whose argument timm rounds take the magnitude itself (mag_range (0, 10)) and round it as timm does.
+def _posterize_mask(level: float) -> np.ndarray:
+    """timm's PosterizeIncreasing keeps 4 - int(level / 10 * 4) bits: 4 at m 0, 1 from m 7.5 on, 0 at m 10,
+    which old PIL turned into a black image and Pillow >= 10 refuses (ValueError). At least 1 bit, as DALI's
+    own posterize: m 10 keeps 1 bit like m 9 (m 10 is 2 % of N(9, 0.5)'s draws)."""
+    bits = max(1, 4 - int(level / RAND_AUGMENT_MAX * 4))
+    return np.array((0xFF << (8 - bits)) & 0xFF, dtype=np.uint8)
+
+
+def _solarize_threshold(level: float) -> np.ndarray:
+    """timm's SolarizeIncreasing inverts pixels >= 256 - int(level / 10 * 256): none at m 0, >= 26 at m 9."""
+    return np.array(256 - min(256, int(level / RAND_AUGMENT_MAX * 256)), dtype=np.int32)  # 256 needs int32
+
+
+def _solarize_add_shift(level: float) -> np.ndarray:
+    """timm's SolarizeAdd adds int(level / 10 * 110) to pixels below 128 (at most 127 + 110: no overflow)."""
+    return np.array(min(128, int(level / RAND_AUGMENT_MAX * 110)), dtype=np.uint8)
+
+
+def _filled_warp(data, warp):
+    """timm fills what a geometric operation uncovers with the ImageNet mean per channel (RAND_AUGMENT_FILL);
+    DALI's warps take one fill value for all channels. Warping data - fill with fill 0 and adding fill back is
+    the same (interpolation is linear), in int16 (-124..151): two cheap pointwise passes on the samples that
+    picked a warp."""
+    fill = types.Constant(np.array(RAND_AUGMENT_FILL, dtype=np.int16), device=data.device)
+    return fn.cast(warp(fn.cast(data, dtype=types.INT16) - fill) + fill, dtype=types.UINT8)
+
+
+def _affine(data, matrix):
+    # DALI's warp maps source to destination (inverse_map False), PIL's destination to source: for a shear or a
+    # translation by t that is the one by -t, drawn as often (the sign is random)
+    return _filled_warp(data, lambda d: fn.warp_affine(d, matrix=matrix, fill_value=0, inverse_map=False,
+                                                       interp_type=types.INTERP_LINEAR))
+
+
+@augmentation(mag_range=(0, 30), randomly_negate=True)  # degrees
+def _rotate(data, angle):
+    return _filled_warp(data, lambda d: fn.rotate(d, angle=angle, fill_value=0, keep_size=True,
+                                                  interp_type=types.INTERP_LINEAR))
+
+
+@augmentation(mag_range=(0, 0.3), randomly_negate=True, mag_to_param=aug.warp_x_param)
+def _shear_x(data, shear):  # about the top-left corner, as PIL's affine transform
+    return _affine(data, fn.transforms.shear(shear=shear))
+
+
+@augmentation(mag_range=(0, 0.3), randomly_negate=True, mag_to_param=aug.warp_y_param)
+def _shear_y(data, shear):
+    return _affine(data, fn.transforms.shear(shear=shear))
+
+
+@augmentation(mag_range=(0, 0.45), randomly_negate=True, mag_to_param=aug.warp_x_param)
+def _translate_x(data, rel_offset, shape):  # timm's TranslateXRel: up to 0.45 of the width
+    return _affine(data, fn.transforms.translation(offset=rel_offset * shape[1]))
+
+
+@augmentation(mag_range=(0, 0.45), randomly_negate=True, mag_to_param=aug.warp_y_param)
+def _translate_y(data, rel_offset, shape):
+    return _affine(data, fn.transforms.translation(offset=rel_offset * shape[0]))
+
+
+# DALI's own equalize and sharpness call the deprecated fn.experimental aliases (a warning per pipeline build)
+@augmentation
+def _equalize(data, _):
+    return fn.equalize(data)
+
+
+@augmentation(mag_range=(0, 0.9), randomly_negate=True, mag_to_param=aug.sharpness_kernel, param_device="auto")
+def _sharpness(data, kernel):  # timm's factor 1 + m as DALI's 3 x 3 kernel: PIL's, but for a 1-px border
+    return fn.filter(data, kernel)
+
+
+@functools.cache
+def rand_augment_suite() -> tuple:
+    """timm's 15 operations in contract.RAND_AUGMENT_OPS' order (the host's indices), then the identity
+    (NOT_APPLIED). Against timm's own on one image at bins 0, 15, 27 and 30 (both signs): a mean difference under
+    1 / 255 (resampling, rounding), except for
+    - Equalize: DALI's follows OpenCV (lookup table from the count up to and including a level), PIL's the count
+      below it: ~1 / 255 apart on a smooth histogram, up to ~20 on the sample generator's flat-coloured images;
+    - the geometric ones: bilinear (DALI's warps have no bicubic; DeiT's timm resamples bicubic), and a shear's or
+      translation's sign turns the other way (DALI maps source to destination, PIL back), which a fair coin
+      makes moot;
+    - Posterize at m 10 keeps 1 bit, not 0 (_posterize_mask); Sharpness also filters the 1-px border PIL keeps;
+    - every magnitude is rounded to its bin (by at most 1/6)."""
+    level = (0, RAND_AUGMENT_MAX)  # the bins' magnitudes as timm's levels, for the operations that quantize them
+    suite = {
+        "AutoContrast": aug.auto_contrast, "Equalize": _equalize, "Invert": aug.invert, "Rotate": _rotate,
+        "Posterize": aug.posterize.augmentation(mag_range=level, mag_to_param=_posterize_mask),
+        "Solarize": aug.solarize.augmentation(mag_range=level, mag_to_param=_solarize_threshold),
+        "SolarizeAdd": aug.solarize_add.augmentation(mag_range=level, mag_to_param=_solarize_add_shift),
+        "Color": aug.color.augmentation((0, 0.9), True, aug.shift_enhance_range),
+        "Contrast": aug.contrast.augmentation((0, 0.9), True, aug.shift_enhance_range),
+        "Brightness": aug.brightness.augmentation((0, 0.9), True, aug.shift_enhance_range),
+        "Sharpness": _sharpness,
+        "ShearX": _shear_x, "ShearY": _shear_y, "TranslateX": _translate_x, "TranslateY": _translate_y}
+    assert tuple(suite) == RAND_AUGMENT_OPS and len(suite) == NOT_APPLIED
+    return tuple(_unconverted(op) for op in (*suite.values(), aug.identity))
+
+
+def _unconverted(operation):
+    """An augmentation as select calls it, hidden from AutoGraph. DALI converts auto_aug's code so that select's
+    `if`s split the batch; converting each augmentation's parameter tables too (62 magnitudes each, per layer) made
+    a 2-layer graph take 4-10 s to build on this 2-core CPU, 1 s without, most of it in AutoGraph's call wrappers
+    (the webdataset reader builds a pipeline per epoch, a seek one per resume). The
+    augmentations have no `if` on a DataNode; the operators they call still run on the split batch (DALI splits
+    an operator's inputs by the conditional scope it is called in, converted or not)."""
+    def apply(data, **kwargs):
+        return operation(data, **kwargs)
+    return do_not_convert(apply)
+
+
+def _rand_augment(images, draws, *, shape):
+    """RandAugment on uint8 HWC `images`: for each layer's (operation, magnitude bin, sign) per-sample DataNodes
+    in `draws`, the conditional split sends each sample through the operation it drew (an identity for "not
+    applied"). `shape`: the images' (height, width), a pair or a per-sample DataNode, for the translations.
+    DALI's signed_bin encodes a bin and its sign as one index, 2 x bin + sign, combined once before the split."""
+    for op, magnitude_bin, sign in draws:
+        images = select(rand_augment_suite(), op, images, magnitude_bin=signed_bin(magnitude_bin, random_sign=sign),
+                        num_magnitude_bins=MAGNITUDE_BINS, shape=shape)
+    return images
+
+
+def _random_draws(spec: RandAugment) -> list:
+    """dali_source.rand_augment_draws with DALI's random operators (seeded by the pipeline), one set per layer."""
+    draws = []
+    for _ in range(spec.ops):
+        op = fn.random.uniform(values=list(range(len(RAND_AUGMENT_OPS))), dtype=types.INT32)
+        applied = fn.random.coin_flip(probability=RAND_AUGMENT_P, dtype=types.INT32)
+        scale = (MAGNITUDE_BINS - 1) / RAND_AUGMENT_MAX  # 3 bins per unit of timm's magnitude
+        magnitude = fn.random.normal(mean=spec.magnitude * scale, stddev=spec.std * scale) if spec.std else \
+            types.Constant(spec.magnitude * scale, dtype=types.FLOAT)
+        # the cast rounds to the nearest bin, halves up (x >= 0), as the host's draws
+        magnitude_bin = fn.cast(dmath.clamp(magnitude, 0.0, float(MAGNITUDE_BINS - 1)), dtype=types.INT32)
+        draws.append((applied * op + (1 - applied) * NOT_APPLIED, magnitude_bin,
+                      fn.random.coin_flip(probability=0.5, dtype=types.INT32)))
+    return draws
+
+
+@pipeline_def(enable_conditionals=False)  # dali_loader turns conditionals on with RandAugment
 def train_pipeline(shards, *, image_size: int, gpu: bool, half: bool, shard_id: int, num_shards: int,
-                   options: DaliOptions, preallocate_side: int):
-    """Random-resized-crop fused into the decode (only the crop's pixels are decoded), resize, coin-flip mirror."""
+                   options: DaliOptions, preallocate_side: int, rand_augment: RandAugment | None = None):
+    """Random-resized-crop fused into the decode (only the crop's pixels are decoded), resize, RandAugment (when
+    given), coin-flip mirror."""
     jpegs, labels = _read(shards, train=True, shard_id=shard_id, num_shards=num_shards, options=options)
     images = fn.decoders.image_random_crop(
         jpegs, output_type=types.RGB, random_area=list(CROP_SCALE), random_aspect_ratio=list(CROP_RATIO),
         num_attempts=10, **_decoder_args(gpu, options, preallocate_side))
     images = fn.resize(images, device="gpu" if gpu else "cpu", resize_x=image_size, resize_y=image_size,
                        interp_type=types.INTERP_LINEAR, antialias=True)
+    if rand_augment is not None:
+        images = _rand_augment(images, _random_draws(rand_augment), shape=(image_size, image_size))
     mirror = fn.random.coin_flip(probability=0.5)
     images = _normalize(images, gpu=gpu, half=half, mirror=mirror)
     return images, labels.gpu() if gpu else labels
@@ -144,9 +311,9 @@ def _simclr_view(images, *, image_size: int, gpu: bool, half: bool):
     return _normalize(view, gpu=gpu, half=half, mirror=fn.random.coin_flip(probability=SSL_FLIP_P))
 
 
-# the rest are FLOAT; image_slice takes an absolute window as integers
+# the rest are FLOAT (among them "size", fn.resize's); image_slice takes an absolute window as integers
 _SOURCE_TYPES = {"jpegs": types.UINT8, "labels": types.INT32, "crop_start": types.INT32, "crop_shape": types.INT32,
-                 "mirror": types.INT32, "blur": types.BOOL}
+                 "mirror": types.INT32, "blur": types.BOOL, "rand_augment": types.INT32}
 
 
 def _external(source):
@@ -156,17 +323,23 @@ def _external(source):
     return dict(zip(source.outputs, nodes))
 
 
-@pipeline_def(enable_conditionals=False)
+@pipeline_def(enable_conditionals=False)  # dali_loader turns conditionals on with RandAugment
 def indexed_train_pipeline(source, *, image_size: int, gpu: bool, half: bool, options: DaliOptions,
-                           preallocate_side: int):
-    """The host's crop window decoded alone (ROI decode: only the crop's pixels), resized, mirrored by the
-    host's coin."""
+                           preallocate_side: int, rand_augment: RandAugment | None = None):
+    """The host's crop window decoded alone (ROI decode: only the crop's pixels), resized (to the host's side
+    with a ramp), RandAugmented by the host's draws (when given), mirrored by the host's coin."""
     data = _external(source)
     images = fn.decoders.image_slice(data["jpegs"], start=data["crop_start"], shape=data["crop_shape"],
                                      axis_names="WH", output_type=types.RGB,
                                      **_decoder_args(gpu, options, preallocate_side))
-    images = fn.resize(images, device="gpu" if gpu else "cpu", resize_x=image_size, resize_y=image_size,
-                       interp_type=types.INTERP_LINEAR, antialias=True)
+    side = {"size": data["size"]} if "size" in data else {"resize_x": image_size, "resize_y": image_size}
+    images = fn.resize(images, device="gpu" if gpu else "cpu", **side, interp_type=types.INTERP_LINEAR,
+                       antialias=True)
+    if rand_augment is not None:
+        draws = data["rand_augment"]  # per sample: layers x (operation, magnitude bin, sign)
+        images = _rand_augment(images, [(draws[layer, 0], draws[layer, 1], draws[layer, 2])
+                                        for layer in range(rand_augment.ops)],
+                               shape=data.get("size", (image_size, image_size)))
     images = _normalize(images, gpu=gpu, half=half, mirror=data["mirror"])
     return images, data["labels"].gpu() if gpu else data["labels"]
 

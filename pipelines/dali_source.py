@@ -1,6 +1,10 @@
 """What the `dali` loader feeds its graph, batch by batch, when it reads by index (DaliOptions.reader "index",
 the default): the JPEG bytes and labels of the contract's per-epoch order (contract.rank_indices, the order every
-other loader reads), and every random draw of the augmentation, made on the host from (seed, epoch, rank, batch).
+other loader reads), and every random draw of the augmentation, made on the host from (seed, epoch, rank, batch):
+the crop window and the flip; for two views, the colour and blur; with a RandAugment, each layer's operation
+(or "not applied"), magnitude bin and sign (rand_augment_draws); with a Ramp, the epoch's output side. One
+generator per batch draws them in that order, so turning RandAugment or the ramp on leaves the crops and flips
+as they were.
 
 A batch is therefore a pure function of its position in the run (epoch x batches per epoch + batch), which is
 what makes the loader seekable: a pipeline built at any position yields what an uninterrupted one yields there,
@@ -22,8 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .contract import (CROP_RATIO, CROP_SCALE, SSL_BLUR_P, SSL_BLUR_SIGMA, SSL_BRIGHTNESS, SSL_CONTRAST,
-                       SSL_FLIP_P, SSL_GRAY_P, SSL_HUE, SSL_JITTER_P, SSL_SATURATION, rank_indices)
+from .contract import (CROP_RATIO, CROP_SCALE, RAND_AUGMENT_MAX, RAND_AUGMENT_OPS, RAND_AUGMENT_P, SSL_BLUR_P,
+                       SSL_BLUR_SIGMA, SSL_BRIGHTNESS, SSL_CONTRAST, SSL_FLIP_P, SSL_GRAY_P, SSL_HUE, SSL_JITTER_P,
+                       SSL_SATURATION, RandAugment, Ramp, rank_indices)
 from .formats.files import pread_exact
 from .formats.manifest import RECONVERT, DatasetError
 from .formats.webdataset import ShardReader
@@ -74,6 +79,28 @@ def simclr_colour(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
             "sigma": rng.uniform(*SSL_BLUR_SIGMA, n).astype(np.float32)}
 
 
+# RandAugment on DALI's magnitude scale (nvidia.dali.auto_aug): 31 bins, bin b standing for timm's magnitude
+# b / 3 (of 10), so m 9 is bin 27 and a std of 0.5 is 1.5 bins. Rounding a drawn magnitude to its bin moves it by
+# at most 1/6 (1.7 % of the range).
+MAGNITUDE_BINS = 31
+NOT_APPLIED = len(RAND_AUGMENT_OPS)  # the graph's operation index after timm's 15: the identity
+
+
+def rand_augment_draws(rng: np.random.Generator, n: int, spec: RandAugment) -> np.ndarray:
+    """timm's RandAugment draws for n samples (contract.RandAugment): n x layers x (operation, magnitude bin,
+    sign) int32. Per sample and layer: an operation uniform over RAND_AUGMENT_OPS (with replacement), replaced by
+    NOT_APPLIED with p 1 - RAND_AUGMENT_P (timm's per-operation coin), a magnitude from N(m, std) clipped to
+    [0, 10] and rounded to its bin, and a sign (1: negated, as DALI's signed_bin encodes it) that only the
+    signed operations read."""
+    shape = (n, spec.ops)
+    op = rng.integers(0, len(RAND_AUGMENT_OPS), shape)
+    applied = rng.random(shape) < RAND_AUGMENT_P
+    magnitude = np.clip(rng.normal(spec.magnitude, spec.std, shape), 0, RAND_AUGMENT_MAX)
+    bins = np.floor(magnitude * ((MAGNITUDE_BINS - 1) / RAND_AUGMENT_MAX) + 0.5)  # halves up, as DALI's cast
+    sign = rng.integers(0, 2, shape)
+    return np.stack([np.where(applied, op, NOT_APPLIED), bins, sign], axis=-1).astype(np.int32)
+
+
 # Start-of-frame markers (baseline, progressive, ...): all of 0xC0-0xCF but DHT (C4), JPG (C8) and DAC (CC)
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
@@ -102,7 +129,7 @@ def jpeg_size(data) -> tuple[int, int] | None:
 
 
 # The per-sample outputs of IndexedSource, in order, for each kind of graph.
-TRAIN_OUTPUTS = ("jpegs", "labels", "crop_start", "crop_shape", "mirror")
+TRAIN_OUTPUTS = ("jpegs", "labels", "crop_start", "crop_shape", "mirror")  # + "size" (ramp), "rand_augment"
 EVAL_OUTPUTS = ("jpegs", "labels")
 VIEW_OUTPUTS = ("roi_start", "roi_end", "mirror", "brightness", "contrast", "saturation", "hue", "blur", "sigma")
 TWO_VIEW_OUTPUTS = ("jpegs", "labels") + tuple(f"{name}{v}" for v in range(2) for name in VIEW_OUTPUTS)
@@ -125,12 +152,21 @@ class IndexedSource:
     """DALI's external source (batch mode, batch_info=True): BatchInfo.iteration i is position start + i, where
     `start` is set by the loader before it builds a pipeline on this source. Called from the thread that runs
     the pipeline, in order; it never ends (the loader counts the batches). One source serves every pipeline the
-    loader builds, so the index is parsed once and the image sizes it has seen are kept."""
+    loader builds, so the index is parsed once and the image sizes it has seen are kept.
 
-    def __init__(self, shards: list[tuple[Path, Path]], plan: Plan, *, views: int):
+    Train, views=1: with a `ramp`, output "size" holds the epoch's side per sample, [side, side] (fn.resize's
+    `size`), so the running pipeline changes resolution at an epoch boundary; with `rand_augment`, output
+    "rand_augment" holds rand_augment_draws' layers x 3 per sample."""
+
+    def __init__(self, shards: list[tuple[Path, Path]], plan: Plan, *, views: int,
+                 rand_augment: RandAugment | None = None, ramp: Ramp | None = None):
+        if (rand_augment is not None or ramp is not None) and (views != 1 or not plan.train):
+            raise ValueError("rand_augment and ramp are for train pipelines with views=1")
         self.reader = ShardReader(shards)
         self.plan, self.views, self.start = plan, views, 0
+        self.rand_augment, self.ramp = rand_augment, ramp
         self.outputs = TWO_VIEW_OUTPUTS if views == 2 else TRAIN_OUTPUTS if plan.train else EVAL_OUTPUTS
+        self.outputs += ("size",) * (ramp is not None) + ("rand_augment",) * (rand_augment is not None)
         self.sizes = np.full((len(self.reader), 2), -1, dtype=np.int64)  # (width, height), -1: not seen yet
         self._order = (None, None)  # (epoch, this rank's indices): one permutation per epoch, not per batch
 
@@ -177,6 +213,10 @@ class IndexedSource:
                 if self.views == 1:
                     out |= {"crop_start": crops[:, :2].astype(np.int32), "crop_shape": crops[:, 2:].astype(np.int32),
                             "mirror": mirror}
+                    if self.ramp is not None:
+                        out["size"] = np.full((len(indices), 2), self.ramp.size(epoch), dtype=np.float32)
+                    if self.rand_augment is not None:  # drawn after the crops and flips, which stay as without it
+                        out["rand_augment"] = rand_augment_draws(rng, len(indices), self.rand_augment)
                     continue
                 y_x = crops[:, [1, 0]]  # fn.resize's ROI follows the tensor's shape order: (y, x)
                 colour = simclr_colour(rng, len(indices))
