@@ -46,8 +46,9 @@ def build_loader(kind: str, data: Path | str, split: str, *, batch_size: int, im
     check_views(views, train)
     if not train and (rand_augment is not None or ramp is not None):
         raise ValueError("rand_augment and ramp are for train loaders; eval reads image_size center crops")
-    if views == 2 and rand_augment is not None:
-        raise ValueError("rand_augment is for views=1: the two-view loaders apply SimCLR's augmentation")
+    if views == 2 and (rand_augment is not None or ramp is not None):
+        raise ValueError("rand_augment and ramp are for views=1: the two-view loaders apply SimCLR's augmentation "
+                         "at image_size")
     module = importlib.import_module(f".{KINDS[kind]}", __name__)
     return module.build(Path(data), split, batch_size=batch_size, image_size=image_size, train=train,
                         device=torch.device(device), dtype=dtype or torch.float32, rank=rank,
