@@ -35,8 +35,11 @@ BATCHES = 4  # read per loader: the first outside the recording, 3 inside
 
 
 def watched_dirs() -> tuple[str, ...]:
+    """This project's code, kornia's, and timm's data package (Mixup, RandomErasing: they run per batch)."""
     import kornia
-    return (*(str(ROOT / part) for part in WATCHED_PARTS), str(Path(kornia.__file__).parent))
+    import timm
+    return (*(str(ROOT / part) for part in WATCHED_PARTS), str(Path(kornia.__file__).parent),
+            str(Path(timm.__file__).parent / "data"))
 
 
 def caller() -> tuple[str, int]:
@@ -264,9 +267,12 @@ def tiny_step(objective_name: str, device=CPU):
     from training.loop import Step
     from training.objectives import build_network, build_objective
     from training.optim import build_optimizer, build_scheduler
-    config = load_config("tiny_cpu", [f"train.objective={objective_name}"])
+    if objective_name == "deit":  # supervised with erasing and mixup/cutmix on the batch (tiny_cpu_deit)
+        config = load_config("tiny_cpu_deit", ["data.ramp.start_size=0"])
+    else:
+        config = load_config("tiny_cpu", [f"train.objective={objective_name}"])
     torch.manual_seed(0)
-    objective = build_objective(config)
+    objective = build_objective(config, 8)
     model = build_network(config, objective, 8).to(device).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, steps_per_epoch=10, epochs=1)
@@ -282,7 +288,7 @@ def tiny_batches(views: int, count: int = BATCHES, device=CPU, n: int = 8):
             for _ in range(count)]
 
 
-@pytest.mark.parametrize("objective_name", ["supervised", "simclr", "rotation"])
+@pytest.mark.parametrize("objective_name", ["supervised", "deit", "simclr", "rotation"])
 def test_train_step_makes_no_host_tensor(objective_name):
     from training.loop import train_step
     step, objective = tiny_step(objective_name)
@@ -377,7 +383,7 @@ def test_gpu_loaders_do_not_sync_per_batch(converted, kind, views):
 
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-@pytest.mark.parametrize("objective_name", ["supervised", "simclr", "rotation"])
+@pytest.mark.parametrize("objective_name", ["supervised", "deit", "simclr", "rotation"])
 def test_gpu_train_step_and_evaluation_do_not_sync(objective_name, precision):
     """Three steps, then an evaluation's batches, in sync-debug "error" mode; the loss is read after the window
     (the loop's one read per log window) and the evaluation's reduction outside the mode."""

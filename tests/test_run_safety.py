@@ -256,6 +256,13 @@ def test_a_run_directory_in_use_is_refused(converted, tmp_path, capsys):
     (["--set", "data.train_split=training"], "no split 'training'"),
     (["--init", "NOWHERE"], "--init NOWHERE: no checkpoint at NOWHERE"),
     (["--init", "GARBAGE"], "not a checkpoint torch can load"),
+    (["--set", "data.ramp={start_size: 48, end_epoch: 2}"], "the end size 32 is below the start size 48"),
+    (["--set", "data.ramp={start_size: 26, end_epoch: 2}"],
+     "data.ramp.start_size 26 is not a multiple of the model's patch size 4"),
+    (["--set", "data.ramp={start_size: 16, end_size: 48, end_epoch: 2}"], "must equal data.image_size 32"),
+    (["--objective", "simclr", "--set", "augment.mixup=0.8"], "augment.mixup with train.objective=simclr"),
+    (["--set", "augment.rand_augment=rand-m9-inc0"], "only timm's increasing operation set"),
+    (["--set", "train.best_on=ema"], "train.best_on=ema needs train.ema_decay"),
 ])
 def test_config_mistakes_stop_before_any_work(converted, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)

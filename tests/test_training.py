@@ -70,8 +70,16 @@ class CountingLoader:
             yield batch
 
 
-@pytest.mark.parametrize("loader", ["torchvision", "dali"])
-def test_resume_mid_epoch_continues_exactly(converted, tmp_path, monkeypatch, loader):
+# DeiT's pieces, each of which draws or carries state a resume must restore: RandAugment (drawn per batch
+# position), erasing and mixup/cutmix (reseeded per step), drop path (torch's RNG), the EMA (saved), the ramp.
+DEIT = ["--set", "augment.rand_augment=rand-m9-mstd0.5-inc1", "--set", "augment.mixup=0.8", "--set",
+        "augment.cutmix=1.0", "--set", "augment.erasing=0.25", "--set", "model.drop_path_rate=0.1", "--set",
+        "train.ema_decay=0.9", "--set", "data.ramp={start_size: 24, start_epoch: 0, end_epoch: 1, step: 8}"]
+
+
+@pytest.mark.parametrize("loader,recipe", [("torchvision", []), ("dali", []), ("torchvision", DEIT)],
+                         ids=["torchvision", "dali", "torchvision-deit"])
+def test_resume_mid_epoch_continues_exactly(converted, tmp_path, monkeypatch, loader, recipe):
     """Straight: 2 epochs. Interrupted: stop after step 13 (mid-epoch 2: 10 steps an epoch), then --resume.
     Both loaders make a batch's augmentation a function of its place in the run (torchvision seeds each sample
     from (seed, epoch, index), dali's index reader draws on the host from (seed, epoch, rank, batch)) and the
@@ -81,9 +89,9 @@ def test_resume_mid_epoch_continues_exactly(converted, tmp_path, monkeypatch, lo
     if loader in LIBRARY:
         pytest.importorskip(LIBRARY[loader])
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    assert main(args(converted, straight, "--set", "train.log_every=1", loader=loader)) == 0
+    assert main(args(converted, straight, "--set", "train.log_every=1", *recipe, loader=loader)) == 0
     assert main(args(converted, interrupted, "--set", "train.log_every=1", "--set", "train.stop_at_step=13",
-                     loader=loader)) == 0
+                     *recipe, loader=loader)) == 0
     saved = checkpoint.load(interrupted / "checkpoints" / "last.pt")
     assert saved["position"]["step"] == 13 and saved["position"]["batch"] > 0  # mid-epoch
     import training.run
@@ -99,9 +107,10 @@ def test_resume_mid_epoch_continues_exactly(converted, tmp_path, monkeypatch, lo
     a, b = losses(straight), losses(interrupted)
     assert sorted(a) == sorted(b) and len(a) > 13
     assert all(abs(a[s] - b[s]) <= 1e-5 * abs(a[s]) for s in a), [(s, a[s], b[s]) for s in a if a[s] != b[s]]
-    wa = checkpoint.load(straight / "checkpoints" / "last.pt")["model"]
-    wb = checkpoint.load(interrupted / "checkpoints" / "last.pt")["model"]
-    assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa)
+    for weights in ("model", "model_ema") if recipe else ("model",):
+        wa = checkpoint.load(straight / "checkpoints" / "last.pt")[weights]
+        wb = checkpoint.load(interrupted / "checkpoints" / "last.pt")[weights]
+        assert all(torch.allclose(wa[k], wb[k], rtol=1e-5, atol=1e-7) for k in wa), weights
 
 
 def test_sigterm_mid_epoch_saves_a_resumable_checkpoint(converted, tmp_path):

@@ -24,6 +24,18 @@ class ConfigError(ValueError):
 
 
 @dataclass
+class RampConfig:
+    """Progressive resolution (pipelines.contract.Ramp), ffcv-imagenet's speed trick: train the early epochs at
+    a lower resolution (ViT-B/16's step costs about the square of the side: 128 px is ~3x cheaper than 224),
+    ramping linearly to data.image_size. Evaluation always runs at data.image_size."""
+    start_size: int = 0  # 0: no ramp, every epoch at data.image_size
+    end_size: int = 0  # 0: data.image_size (the only other value allowed: the ramp ends where evaluation runs)
+    start_epoch: int = 0  # epochs up to this one train at start_size
+    end_epoch: int = 0  # from this epoch on, at end_size
+    step: int = 32  # sizes are rounded to multiples of this (ffcv-imagenet: 32); a multiple of the patch size
+
+
+@dataclass
 class DataConfig:
     loader: str = "dali"  # dali | ffcv | torchvision | synthetic
     path: str = ""  # OUT of tools/convert_imagenet.py
@@ -33,6 +45,20 @@ class DataConfig:
     options: dict = field(default_factory=dict)  # the loader's speed knobs (README, "Loaders")
     train_split: str = "train"
     eval_splits: list = field(default_factory=lambda: ["holdout", "val"])  # those the dataset has
+    ramp: RampConfig = field(default_factory=RampConfig)
+
+
+@dataclass
+class AugmentConfig:
+    """DeiT's augmentation (Touvron et al. 2021), on the device for every loader. Off by default: the plan's
+    recipe is random-resized-crop and flip only. RandAugment runs inside the loader, per sample, on the uint8
+    pixels; erasing and mixup/cutmix run on the loader's normalized batch (training/batch_augment.py)."""
+    rand_augment: str = ""  # timm's notation, e.g. "rand-m9-mstd0.5-inc1" (DeiT's); "": off
+    mixup: float = 0.0  # mixup's Beta(alpha, alpha); 0: off (DeiT: 0.8)
+    cutmix: float = 0.0  # cutmix's Beta(alpha, alpha); 0: off (DeiT: 1.0)
+    mix_prob: float = 1.0  # share of batches mixed at all
+    switch_prob: float = 0.5  # with both on: share of mixed batches that get cutmix instead of mixup
+    erasing: float = 0.0  # random erasing's probability per image (DeiT: 0.25), noise-filled ("pixel" mode)
 
 
 @dataclass
@@ -40,6 +66,8 @@ class ModelConfig:
     name: str = "vit_base_patch16_224"  # any timm model name
     kwargs: dict = field(default_factory=dict)  # passed to timm.create_model (depth, patch_size, ...)
     compile: bool = True
+    drop_path_rate: float = 0.0  # stochastic depth: the last block's drop rate, linear in depth (DeiT-B: 0.1)
+    patch_drop_rate: float = 0.0  # share of patch tokens dropped in training (timm's ViT patch_drop_rate)
     # torch.compile's mode, when model.compile is true: default | reduce-overhead (CUDA graphs: the step's
     # kernels replayed with one launch, which pays at small batches where launches, not FLOPs, set the pace) |
     # max-autotune (CUDA graphs and a search over matmul kernels, minutes of compile) | max-autotune-no-cudagraphs.
@@ -90,6 +118,13 @@ class TrainConfig:
     # thread writes it (README, "Resume, preemption, failures", has the measured cost).
     checkpoint_every_min: float = 10.0
     objective: str = "supervised"  # supervised | simclr | rotation (training/objectives.py)
+    # An exponential moving average of the weights (timm's ModelEmaV3), updated every step; 0: none. Evaluated
+    # beside the raw weights and saved in last.pt; best.pt holds whichever `best_on` names. The average covers
+    # about 1 / (1 - decay) steps: 0.9998 is 5,000 steps, a third of an ImageNet epoch at batch 64 (DeiT's
+    # 0.99996 at batch 1024 is 20 epochs).
+    ema_decay: float = 0.0
+    ema_warmup: bool = False  # timm's warmup: the decay grows from 0 toward ema_decay over the first steps
+    best_on: str = "raw"  # raw | ema: the weights whose holdout figure picks best.pt
 
 
 @dataclass
@@ -124,6 +159,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -135,7 +171,8 @@ CHOICES = {("data", "loader"): ("dali", "ffcv", "torchvision", "synthetic"),
            ("train", "precision"): ("bf16", "fp16", "fp32"),
            ("train", "objective"): ("supervised", "simclr", "rotation"),
            ("model", "finetune"): ("full", "linear"),
-           ("model", "compile_mode"): COMPILE_MODES}
+           ("model", "compile_mode"): COMPILE_MODES,
+           ("train", "best_on"): ("raw", "ema")}
 
 
 def _check(value, kind, where: str):
@@ -216,3 +253,66 @@ def config_from_dict(values: dict) -> Config:
     config = Config()
     _apply(config, values, "")
     return config
+
+
+def ramp_of(config: Config):
+    """The config's pipelines.contract.Ramp, or None without one."""
+    from pipelines.contract import Ramp
+    ramp = config.data.ramp
+    if not ramp.start_size:
+        return None
+    return Ramp(start_size=ramp.start_size, end_size=ramp.end_size or config.data.image_size,
+                start_epoch=ramp.start_epoch, end_epoch=ramp.end_epoch, step=ramp.step)
+
+
+def check_recipe(config: Config, patch: int | None) -> None:
+    """The combinations that cannot work, as ConfigErrors before any work: a resolution ramp that shrinks or
+    ends elsewhere than data.image_size, a size the ViT's patch does not divide (`patch`: the model's patch
+    side, None for models that take any size), batch augmentation with a self-supervised objective."""
+    from pipelines.contract import RandAugment
+    data, augment, ramp = config.data, config.augment, config.data.ramp
+    sizes = {"data.image_size": data.image_size}
+    if ramp.start_size:
+        end = ramp.end_size or data.image_size
+        if ramp.end_size and ramp.end_size != data.image_size:
+            raise ConfigError(f"data.ramp.end_size {ramp.end_size} must equal data.image_size {data.image_size} "
+                              "(the size evaluation runs at), or be 0")
+        if end < ramp.start_size:
+            raise ConfigError(f"data.ramp: the end size {end} is below the start size {ramp.start_size}; a ramp "
+                              "grows (for example start_size=128 with data.image_size=224)")
+        if not 0 <= ramp.start_epoch < ramp.end_epoch:
+            raise ConfigError(f"data.ramp: start_epoch {ramp.start_epoch} must be below end_epoch {ramp.end_epoch}")
+        if ramp.step < 1:
+            raise ConfigError(f"data.ramp.step must be positive, got {ramp.step}")
+        if config.train.objective == "simclr":
+            raise ConfigError("data.ramp with train.objective=simclr: the two-view loaders train at data.image_size")
+        sizes |= {"data.ramp.start_size": ramp.start_size, "data.ramp.step": ramp.step}
+    elif ramp.end_size or ramp.end_epoch:
+        raise ConfigError("data.ramp: set start_size to turn the ramp on (its other fields alone do nothing)")
+    if patch:
+        for name, size in sizes.items():
+            if size % patch:
+                raise ConfigError(f"{name} {size} is not a multiple of the model's patch size {patch}")
+    try:
+        RandAugment.parse(augment.rand_augment)
+    except ValueError as e:
+        raise ConfigError(f"augment.{e}") from None
+    for name in ("mixup", "cutmix", "erasing", "mix_prob", "switch_prob"):
+        value = getattr(augment, name)
+        if value < 0 or (name != "mixup" and name != "cutmix" and value > 1):
+            raise ConfigError(f"augment.{name} {value} is out of range")
+    batch_augment = [name for name in ("rand_augment", "mixup", "cutmix", "erasing") if getattr(augment, name)]
+    if batch_augment and config.train.objective != "supervised":
+        raise ConfigError(f"augment.{', augment.'.join(batch_augment)} with train.objective="
+                          f"{config.train.objective}: DeiT's augmentation is for supervised training (the "
+                          "self-supervised objectives bring their own views and targets)")
+    if (augment.mixup or augment.cutmix) and data.batch_size % 2:
+        raise ConfigError(f"augment.mixup/cutmix pair each image with the batch reversed: data.batch_size "
+                          f"{data.batch_size} must be even")
+    if config.train.best_on == "ema" and not config.train.ema_decay:
+        raise ConfigError("train.best_on=ema needs train.ema_decay (for example 0.9998)")
+    if not 0 <= config.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay {config.train.ema_decay} must be in [0, 1)")
+    for name in ("drop_path_rate", "patch_drop_rate"):
+        if not 0 <= getattr(config.model, name) < 1:
+            raise ConfigError(f"model.{name} {getattr(config.model, name)} must be in [0, 1)")

@@ -47,6 +47,8 @@ class Step:
     grad_clip: float
     objective: Objective | None = None  # None: supervised cross-entropy with label_smoothing
     frozen: tuple[torch.nn.Module, ...] = ()  # kept in eval mode while the rest trains (transfer.freeze)
+    ema: object | None = None  # timm's ModelEmaV3 of `ema_of` (the plain module), updated after each step
+    ema_of: torch.nn.Module | None = None
 
     def __post_init__(self):
         if self.objective is None:
@@ -105,6 +107,8 @@ def train_epoch(step: Step, batches, state: TrainState, *, world_size: int, log_
         state.batch += 1
         state.step += 1
         step.scheduler.step_update(num_updates=state.step)
+        if step.ema is not None:
+            step.ema.update(step.ema_of, step=state.step)
 
         loss_sum += loss
         nonfinite |= ~torch.isfinite(loss)
@@ -120,6 +124,7 @@ def train_epoch(step: Step, batches, state: TrainState, *, world_size: int, log_
                                     f"{state.step - window_steps + 1}-{state.step} (epoch {state.epoch})")
             elapsed = time.perf_counter() - window_start
             log({"kind": "train", "epoch": state.epoch, "batch": state.batch, "step": state.step,
+                 "image_size": (images[0] if isinstance(images, (tuple, list)) else images).shape[-1],
                  "loss": mean_loss, "lr": step.optimizer.param_groups[0]["lr"],
                  "images_per_s": images_seen * world_size / elapsed, "input_wait": waited / elapsed})
             loss_sum.zero_()

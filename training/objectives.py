@@ -20,8 +20,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
+from . import batch_augment
 from .config import Config
 from .model import create_model
 
@@ -44,10 +46,20 @@ class Objective:
 
 
 class Supervised(Objective):
-    def __init__(self, label_smoothing: float = 0.0):
-        self.label_smoothing = label_smoothing
+    """Cross-entropy on the labels; with a BatchAugment (training/batch_augment.py: random erasing, mixup,
+    cutmix) the batch is augmented on the device first, and mixing makes the targets soft."""
+
+    def __init__(self, label_smoothing: float = 0.0, augment=None):
+        self.label_smoothing, self.augment = label_smoothing, augment
+        # timm's SoftTargetCrossEntropy for mixup's soft targets (they already hold the label smoothing)
+        self.soft = SoftTargetCrossEntropy() if augment is not None and augment.soft_targets else None
+
+    def inputs(self, images, labels):
+        return (images, labels) if self.augment is None else self.augment(images, labels)
 
     def loss(self, outputs, targets):
+        if self.soft is not None:
+            return self.soft(outputs, targets)
         return F.cross_entropy(outputs, targets, label_smoothing=self.label_smoothing)
 
 
@@ -89,13 +101,20 @@ class Rotation(Objective):
         return F.cross_entropy(outputs, targets)
 
 
-def build_objective(config: Config) -> Objective:
+def build_objective(config: Config, num_classes: int = 0) -> Objective:
+    """`num_classes` is needed for mixup's soft targets (augment.mixup or augment.cutmix)."""
     kind = config.train.objective
     if kind == "simclr":
         return SimCLR(config.ssl.temperature, config.ssl.proj_hidden_dim, config.ssl.proj_dim)
     if kind == "rotation":
         return Rotation()
-    return Supervised(config.optim.label_smoothing)
+    augment = None
+    if batch_augment.enabled(config.augment):
+        if (config.augment.mixup or config.augment.cutmix) and num_classes < 2:
+            raise ValueError("build_objective: mixup and cutmix need the dataset's num_classes for their targets")
+        augment = batch_augment.BatchAugment(config.augment, num_classes=num_classes,
+                                             label_smoothing=config.optim.label_smoothing, seed=config.train.seed)
+    return Supervised(config.optim.label_smoothing, augment)
 
 
 def info_nce(z: torch.Tensor, temperature: float, *, gather: bool = True, reduction: str = "mean") -> torch.Tensor:
@@ -161,9 +180,10 @@ class SSLModel(nn.Module):
 
 def build_network(config: Config, objective: Objective, num_classes: int, *, sync_bn: bool = False) -> nn.Module:
     """The module a run trains: the timm model (supervised), or SSLModel(backbone, head)."""
+    dynamic_size = bool(config.data.ramp.start_size)  # a resolution ramp: one model at every size
     if objective.supervised:
-        return create_model(config.model, num_classes, config.data.image_size)
-    backbone = create_model(config.model, 0, config.data.image_size)
+        return create_model(config.model, num_classes, config.data.image_size, dynamic_size=dynamic_size)
+    backbone = create_model(config.model, 0, config.data.image_size, dynamic_size=dynamic_size)
     head = objective.head(backbone.num_features)
     if sync_bn:  # under DDP on GPUs: the head's BN sees the global batch, as in SimCLR and MoCo v3
         head = nn.SyncBatchNorm.convert_sync_batchnorm(head)

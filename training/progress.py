@@ -88,23 +88,28 @@ class RunLog:
             for key in ("loss", "lr", "images_per_s", "input_wait"):
                 self.writer.add_scalar(f"train/{key}", record[key], record["step"])
 
-    def evaluation(self, state, results: dict) -> None:
+    def evaluation(self, state, results: dict, weights: str = "raw") -> None:
+        """`weights`: raw (the trained weights) or ema (their moving average, train.ema_decay)."""
         if not self.main:
             return
-        self.last_eval = results
+        self.last_eval[weights] = results
         for split, figures in results.items():
-            self._write({"kind": "eval", "split": split, "epoch": state.epoch, "step": state.step, **figures})
-            self.console.print(f"epoch {state.epoch} {split}: {describe(figures)}")
+            self._write({"kind": "eval", "split": split, "weights": weights, "epoch": state.epoch,
+                         "step": state.step, **figures})
+            self.console.print(f"epoch {state.epoch} {split}{' (EMA)' if weights == 'ema' else ''}: "
+                               f"{describe(figures)}")
             if self.writer:
                 for key in ("top1", "top5", "loss", "knn_top1"):
                     if key in figures:
-                        self.writer.add_scalar(f"{split}/{key}", figures[key], state.step)
-        if state.epoch < self.epochs:
+                        self.writer.add_scalar(f"{split}{'_ema' if weights == 'ema' else ''}/{key}", figures[key],
+                                               state.step)
+        if state.epoch < self.epochs and weights == "raw":
             self.display.reset(self.task, total=self.steps, epoch=state.epoch + 1, stats="")
 
     def finish(self, state, *, wall_s: float) -> dict:
         """summary.json: final and best holdout figures (top-1, or k-NN top-1 for SSL runs), throughput, wall time."""
-        summary = {"epochs": state.epoch, "steps": state.step, "final": self.last_eval, "best": state.best,
+        summary = {"epochs": state.epoch, "steps": state.step, "final": self.last_eval.get("raw", {}),
+                   **({"final_ema": self.last_eval["ema"]} if "ema" in self.last_eval else {}), "best": state.best,
                    "images_per_s": statistics.median(self.rates) if self.rates else None,
                    "input_wait": statistics.median(self.waits) if self.waits else None,
                    "wall_s": round(wall_s, 1), "run_dir": str(self.run_dir)}

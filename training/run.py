@@ -39,12 +39,13 @@ from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
 from pipelines import build_loader, check_options  # noqa: E402
+from pipelines.contract import RandAugment  # noqa: E402
 from pipelines.formats.manifest import DatasetError, load_manifest  # noqa: E402
 from training import checkpoint, knn, rundir  # noqa: E402
 from training import model as models  # noqa: E402
 from training.checkpoint import CheckpointError  # noqa: E402
-from training.config import (Config, ConfigError, ModelConfig, TrainConfig, apply_overrides, config_from_dict,
-                             load_config, preset_names)  # noqa: E402
+from training.config import (Config, ConfigError, ModelConfig, TrainConfig, apply_overrides, check_recipe,  # noqa: E402
+                             config_from_dict, load_config, preset_names, ramp_of)
 from training.distributed import Dist, cleanup, setup  # noqa: E402
 from training.loop import NonFiniteLoss, Step, TrainState, evaluate, train_epoch  # noqa: E402
 from training.objectives import (Objective, backbone_of, build_network, build_objective,  # noqa: E402
@@ -129,12 +130,15 @@ def new_run_directory(config: Config) -> Path:
 
 def check_before_work(config: Config, manifest: dict) -> None:
     """The mistakes that would otherwise surface only when the loaders or the model are built, after the run
-    directory exists: a loader option, a model keyword, a split the dataset lacks. Raises ConfigError."""
+    directory exists: a loader option, a model keyword, a split the dataset lacks, a recipe that cannot work
+    (config.check_recipe: a shrinking ramp, a size the patch does not divide, mixup with a self-supervised
+    objective). Raises ConfigError."""
     try:
         check_options(config.data.loader, config.data.options)
     except (ValueError, ImportError) as e:  # ImportError: the loader's library is not installed
         raise ConfigError(f"data.options {config.data.options}: {e}" if isinstance(e, ValueError) else str(e)) from None
-    models.check(config.model, config.data.image_size)
+    patch = models.check(config.model, config.data.image_size, dynamic_size=bool(config.data.ramp.start_size))
+    check_recipe(config, patch)
     splits = [s for s, info in manifest["splits"].items() if info["samples"]]
     if config.data.train_split not in splits:
         raise ConfigError(f"data.train_split: the dataset has no split '{config.data.train_split}' "
@@ -201,15 +205,23 @@ def autocast_factory(precision: str, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=DTYPES[precision])
 
 
-def compile_for_training(module: torch.nn.Module, config: ModelConfig) -> torch.nn.Module:
+def compile_for_training(module: torch.nn.Module, config: ModelConfig, *, sizes: int = 1,
+                         backend: str = "inductor") -> torch.nn.Module:
     """torch.compile in model.compile_mode, or the module itself when model.compile is false. dynamic=False:
     every training batch has one shape (train loaders drop the last partial batch), so the graph is specialized
     to it, and a second shape in the same process (the benchmark's next batch size) compiles a graph of its own
     instead of a dynamic-shape one. The CUDA-graph modes copy each step's input batch into the graph's static
-    buffer (one copy of 19 MB for 64 bf16 images at 224 px)."""
+    buffer (one copy of 19 MB for 64 bf16 images at 224 px).
+
+    `sizes`: the image sizes a resolution ramp trains at. Each gets its graph once, on its first batch (the ramp
+    is monotonic, so no size comes back after the next one took over); torch's limit of recompiles per function
+    (8) is raised to fit, so that a long ramp never falls back to eager mode."""
     if not config.compile:
         return module
-    return torch.compile(module, mode=config.compile_mode, dynamic=False)
+    dynamo = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, limit, max(getattr(dynamo, limit), sizes + 1))
+    return torch.compile(module, mode=config.compile_mode, dynamic=False, backend=backend)
 
 
 def loaders(config: Config, dist: Dist, manifest: dict, objective: Objective):
@@ -219,7 +231,8 @@ def loaders(config: Config, dist: Dist, manifest: dict, objective: Objective):
     common = dict(batch_size=data.batch_size, image_size=data.image_size, device=dist.device,
                   dtype=DTYPES[config.train.precision], rank=dist.rank, world_size=dist.world_size,
                   seed=config.train.seed, workers=data.workers or None, options=data.options)
-    train = build_loader(data.loader, data.path, data.train_split, train=True, views=objective.views, **common)
+    train = build_loader(data.loader, data.path, data.train_split, train=True, views=objective.views,
+                         rand_augment=RandAugment.parse(config.augment.rand_augment), ramp=ramp_of(config), **common)
     evals = {split: build_loader(data.loader, data.path, split, train=False, **common)
              for split in data.eval_splits if split in manifest["splits"] and manifest["splits"][split]["samples"]}
     bank = None if objective.supervised else build_loader(data.loader, data.path, config.ssl.knn_bank, train=False,
@@ -257,7 +270,10 @@ def main(argv: list[str] | None = None) -> int:
         dist = setup(config.train.device)
         manifest = load_manifest(Path(config.data.path))
         check_before_work(config, manifest)
-        objective = build_objective(config)
+        if saved is not None and config.train.ema_decay and "model_ema" not in saved:
+            raise ConfigError("train.ema_decay is set, but the checkpoint resumed from has no EMA weights: resume "
+                              "with --set train.ema_decay=0, or start a new run")
+        objective = build_objective(config, manifest["num_classes"])
         check_fused(config.optim, dist.device)
         model, frozen = build_model(config, objective, manifest["num_classes"], dist, saved, console)
         run_dir = resumed_dir or new_run_directory(config)
@@ -291,14 +307,24 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
                                 epochs=config.train.epochs)
     scaler = torch.amp.GradScaler(dist.device.type) if config.train.precision == "fp16" else None
     state = TrainState()
+    ema = None
+    if config.train.ema_decay:
+        from timm.utils import ModelEmaV3
+        # A copy of the model (on its device, in float32) that each step moves toward the trained weights:
+        # one foreach lerp over the parameters, no sync.
+        ema = ModelEmaV3(model, decay=config.train.ema_decay, use_warmup=config.train.ema_warmup)
     if saved is not None:
         load_checkpoint_weights(model, saved)
+        if ema is not None:
+            ema.module.load_state_dict(saved["model_ema"])  # main() checked that it is there
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         if scaler is not None and saved["scaler"]:
             scaler.load_state_dict(saved["scaler"])
         state = TrainState(**saved["position"], best=saved["best"])
         checkpoint.set_rng_state(saved["rng"])
+    if getattr(objective, "augment", None) is not None:
+        objective.augment.step = state.step  # erasing and mixup draw from (seed, step): a resume draws on
         console.print(f"resuming {run_dir} at epoch {state.epoch}, batch {state.batch} (step {state.step})")
 
     # DDP first, then compile (the order torch's DDP + compile integration expects). `model` stays the plain
@@ -307,10 +333,11 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
     if dist.world_size > 1:
         trained = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
-    trained = compile_for_training(trained, config.model)
+    ramp = ramp_of(config)
+    trained = compile_for_training(trained, config.model, sizes=len(ramp.distinct_sizes()) if ramp else 1)
     autocast = autocast_factory(config.train.precision, dist.device)
     step = Step(trained, optimizer, scheduler, scaler, autocast, config.optim.label_smoothing, config.optim.grad_clip,
-                objective, tuple(frozen))
+                objective, tuple(frozen), ema=ema, ema_of=model)
     last_path = run_dir / "checkpoints" / checkpoint.LAST
     writer = checkpoint.Writer()  # rank 0's checkpoints, written on a side thread
 
@@ -319,18 +346,19 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
             writer.save(last_path, {
                 "num_classes": num_classes, **checkpoint_weights(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
+                **({"model_ema": ema.module.state_dict()} if ema is not None else {}),
                 "position": {"epoch": state.epoch, "batch": state.batch, "step": state.step},
                 "best": state.best, "rng": checkpoint.rng_state(), "config": config.to_dict()}, keep_previous=True)
         window_end.saved()
     window_end = WindowEnd(console, state, config.train, dist.device, save_last, writer)
 
-    def evaluate_all() -> tuple[dict, str]:
+    def evaluate_all(network: torch.nn.Module) -> tuple[dict, str]:
         """Supervised: top-1/top-5 on each eval split. Self-supervised: k-NN top-1 of the frozen backbone's
         features. Returns the results and the figure that picks the best checkpoint."""
         if objective.supervised:
-            return {split: evaluate(model, batches, num_classes=num_classes, autocast=autocast)
+            return {split: evaluate(network, batches, num_classes=num_classes, autocast=autocast)
                     for split, batches in eval_batches.items()}, "top1"
-        return knn.evaluate(backbone_of(model), bank_batches, eval_batches, num_classes=num_classes,
+        return knn.evaluate(backbone_of(network), bank_batches, eval_batches, num_classes=num_classes,
                             k=config.ssl.knn_k, temperature=config.ssl.knn_temperature, autocast=autocast), "knn_top1"
 
     start = time.perf_counter()
@@ -355,15 +383,23 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
                 return 0
             state.epoch, state.batch = state.epoch + 1, 0
             if state.epoch % config.train.eval_every == 0 or state.epoch == config.train.epochs:
-                results, metric = evaluate_all()
+                # The raw weights, and the EMA's beside them; best.pt is picked on (and holds) train.best_on's.
+                results, metric = evaluate_all(model)
                 log.evaluation(state, results)
-                holdout = results.get("holdout") or next(iter(results.values()), None)
+                chosen, weights = results, model
+                if ema is not None:
+                    ema_results, _ = evaluate_all(ema.module)
+                    log.evaluation(state, ema_results, weights="ema")
+                    if config.train.best_on == "ema":
+                        chosen, weights = ema_results, ema.module
+                holdout = chosen.get("holdout") or next(iter(chosen.values()), None)
                 if holdout and holdout[metric] > state.best.get(metric, -1.0):
-                    state.best = {**holdout, "epoch": state.epoch}
+                    state.best = {**holdout, "epoch": state.epoch, "weights": config.train.best_on}
                     if dist.main:
                         writer.save(run_dir / "checkpoints" / checkpoint.BEST,
-                                    {"num_classes": num_classes, **checkpoint_weights(model),
-                                     "config": config.to_dict(), "metrics": holdout, "epoch": state.epoch})
+                                    {"num_classes": num_classes, **checkpoint_weights(weights),
+                                     "config": config.to_dict(), "metrics": holdout, "epoch": state.epoch,
+                                     "weights": config.train.best_on})
             save_last()
             if window_end.stop_requested():
                 writer.wait()

@@ -1,0 +1,65 @@
+"""DeiT's batch augmentation on the device, after any loader: random erasing, then mixup or cutmix, with the
+soft targets and the soft-target cross-entropy that go with them. timm's own classes do the work (RandomErasing,
+Mixup; the loss is timm's SoftTargetCrossEntropy, in objectives.Supervised); this module seeds them and runs
+them on the loader's normalized batch.
+
+Order, as DeiT's: erasing is per image (in DeiT it is the last of the per-image transforms, after
+normalization: its noise is drawn in normalized units), mixup and cutmix then mix the batch with itself
+reversed. Both run on the device with no host-device sync: their random draws are host-side Python and numpy
+numbers (a mixing weight, a box, which images to erase) passed to kernels as arguments, and the noise is
+`normal_()` on the device. Erasing is a Python loop over the batch (timm's): about a quarter of 64 images get
+one small kernel each.
+
+Seeking: timm draws from Python's `random` and numpy's global generator. They are reseeded from (seed, step)
+before every batch, so a step's draws depend on its position alone, and a resumed run draws what an
+uninterrupted one draws there with nothing to save. This resets those two global generators at every step;
+nothing else in training draws from them.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
+
+from .config import AugmentConfig
+
+
+class BatchAugment:
+    """`__call__(images, labels) -> (images, targets)`: targets are soft (B x classes) when mixing is on, else
+    the labels. `step` is the optimizer step the next batch trains (set on a resume: run.py)."""
+
+    def __init__(self, config: AugmentConfig, *, num_classes: int, label_smoothing: float, seed: int):
+        self.seed, self.step = seed, 0
+        self.erasing = RandomErasing(config.erasing, mode="pixel", device="cpu") if config.erasing else None
+        self.mixup = None
+        if config.mixup or config.cutmix:
+            self.mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, prob=config.mix_prob,
+                               switch_prob=config.switch_prob, label_smoothing=label_smoothing,
+                               num_classes=num_classes)
+
+    @property
+    def soft_targets(self) -> bool:
+        return self.mixup is not None
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        state = np.random.SeedSequence([self.seed, self.step]).generate_state(2)
+        random.seed(int(state[0]))
+        np.random.seed(int(state[1]))
+        self.step += 1
+        if self.erasing is None and self.mixup is None:
+            return images, labels
+        images = images.clone()  # the loader's batch stays as it was handed over (timm's ops work in place)
+        if self.erasing is not None:
+            self.erasing.device = images.device  # where its noise is drawn
+            self.erasing(images)
+        if self.mixup is not None:
+            images, labels = self.mixup(images, labels)
+        return images, labels
+
+
+def enabled(config: AugmentConfig) -> bool:
+    return bool(config.erasing or config.mixup or config.cutmix)
+
