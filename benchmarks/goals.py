@@ -87,7 +87,9 @@ def cpu_ratio_blame(kind: str, rate: float, base: float, workers: int, ceiling: 
 def loader_verdicts(r: dict, on_gpu: bool, resolution: str) -> list[Verdict]:
     """CPU: dali and ffcv over torchvision at the most workers, and every real loader's epoch start and
     mid-epoch start there. Hopper GPUs: each loader's best from full-size JPEGs, and ffcv's from 512-px ones."""
-    rows = [row for row in r["results"] if not row.get("options") and row.get("views", 1) == 1]
+    # the goals are for the plain train augmentation: not the option variants, two views or RandAugment
+    rows = [row for row in r["results"] if not row.get("options") and row.get("views", 1) == 1
+            and not row.get("rand_augment")]
     if not on_gpu:
         return cpu_ratio_verdicts(r, rows, resolution) + epoch_verdicts(rows, resolution)
     if not hopper(r):

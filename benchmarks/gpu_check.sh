@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The GPU check, in one command of at most 8 minutes on one H100 or H200 with 16 cores, data generation,
+# The GPU check, in one command of at most 9 minutes on one H100 or H200 with 16 cores, data generation,
 # compiles and warm-ups included:
 #   bash benchmarks/gpu_check.sh [--dry-run] [RESULTS_DIR]      (default RESULTS_DIR: $OUT, else /tmp/gpu_check)
 # Run it with DALI, FFCV and kornia installed (pip install -e '.[dali,ffcv]'); a loader whose library does not
 # import is skipped, with the reason, and the others are still measured.
 #
 # Each part runs under its own time limit, in this order; the limits of the required parts add up to the
-# 8-minute budget (480 s), and a part never runs past what is left of it (one that would start after it is
+# 9-minute budget (540 s: 480 s before RandAugment and the resolution ramp were added, 60 s for them, nothing
+# cut), and a part never runs past what is left of it (one that would start after it is
 # reported as not run, and the check fails). The limits are estimates (the per-part times of an H100 run of
 # an earlier, smaller version of this check, scaled): steps.log records each part's time to re-budget from.
 #   data      100 s  the gpu suite's 14,500 full-size ImageNet-like JPEGs (3,000 generated, the rest linked to
@@ -21,8 +22,14 @@
 #                    CUDA-graph compile is the new one. Not max-autotune: its kernel search takes minutes.
 #   batch256   50 s  benchmarks.train_step directly, batch 256, synthetic input against each loader (default
 #                    mode: one compile of the batch-256 graph)
-#   loaders    80 s  each loader alone at both stored sizes, and with two views: inside-epoch windows, two
-#                    epoch boundaries and two starts at each of 0, 50 and 90 % of an epoch per row
+#   loaders   100 s  each loader alone at both stored sizes, and with two views: inside-epoch windows, two
+#                    epoch boundaries and two starts at each of 0, 50 and 90 % of an epoch per row; at 512 px also
+#                    RandAugment (rand-m9-mstd0.5-inc1) on against off, windows alternated, in-epoch only (+20 s:
+#                    one more build, warm-up and three 1-s windows per loader)
+#   resolution 40 s  benchmarks.resolution (`benchmarks.run --suite gpu --only resolution`): ViT-B/16 bf16 at
+#                    batch 64 at each size of vit_b16_fast's ramp (128, 160, 192, 224 px) beside vit_b16_seed,
+#                    and the projected ImageNet wall-clock of each; eager (5 compiles would take minutes), from
+#                    synthetic input: 165 steps, the model builds and the imports
 #   tests      40 s  tests/test_loaders_gpu.py (the loaders' GPU paths) and the GPU tests of tests/test_no_sync.py
 #                    (no host-device sync per batch under torch.cuda.set_sync_debug_mode("error"))
 # and then, only with time left (not run for lack of it is no failure; these were measured before and change
@@ -42,8 +49,8 @@ if [[ ${1:-} == --dry-run ]]; then dry=(--dry-run); shift; fi
 results=${1:-${OUT:-/tmp/gpu_check}}
 py=${PYTHON:-python3}
 work=${GPU_CHECK_WORK:-/tmp/gpu_check_work}
-# the GPU's 8 minutes; a dry run on a busy 2-core CPU takes longer
-budget=${GPU_CHECK_BUDGET_S:-$(( ${#dry[@]} ? 900 : 480 ))}
+# the GPU's 9 minutes; a dry run on a busy 2-core CPU takes longer
+budget=${GPU_CHECK_BUDGET_S:-$(( ${#dry[@]} ? 900 : 540 ))}
 rm -rf "$work/records"  # records of this run only
 mkdir -p "$results" "$work/records"
 results=$(cd "$results" && pwd) work=$(cd "$work" && pwd)  # absolute: the script changes directory next
@@ -103,7 +110,8 @@ step data 100 "${suite[@]}" --only data
 step train 130 "${suite[@]}" --only train
 step compile 80 "${train[@]}" --kinds synthetic --batch-size "$small" --compile-mode "${modes[@]}" --fused false true
 step batch256 50 "${train[@]}" "${large[@]}"
-step loaders 80 "${suite[@]}" --only loaders
+step loaders 100 "${suite[@]}" --only loaders
+step resolution 40 "${suite[@]}" --only resolution
 step tests 40 "$py" -m pytest -q -p no:cacheprovider tests/test_loaders_gpu.py tests/test_no_sync.py -k "gpu"
 extra scaling 90 "${suite[@]}" --only scaling
 extra convert 30 "${suite[@]}" --only convert

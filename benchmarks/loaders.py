@@ -20,12 +20,23 @@ clock with the device synchronized at its edges (`sync`), each on an epoch of it
 - the ImageNet epoch: images/s over one epoch of 1,153,051 images (ImageNet-1k's train set less the 10 %
   holdout) at this batch size, from the figures above: batches x images per batch / (batches x interval +
   boundary).
-Ratios are taken against the torchvision baseline at the same worker count, from the same run. Writes
+Ratios are taken against the torchvision baseline at the same worker count, from the same run.
+
+`--rand-augment SPEC` (timm's notation, DeiT's "rand-m9-mstd0.5-inc1"): each real loader's default configuration
+is also measured with RandAugment on (pipelines.build_loader's rand_augment), side by side with it off: both
+loaders are built and warmed up, then their steady-state windows alternate, off and on, the order reversed every
+other repeat (ABBA), so that the noise of a shared machine hits both; before each window the other loader's
+workers are given SETTLE_BATCHES of its batch-times to finish the batches they had prefetched. The RandAugment row
+has the steady state only (its cost is the in-epoch rate; the epoch boundary and the starts are the off row's,
+measured after the on loader is gone) and `vs_rand_augment_off`, its images/s over the off row's. Every row says
+`rand_augment`: the spec, or null. The synthetic loader ignores rand_augment (its batch stands for any pixels)
+and the option variants (dali reader=webdataset, hw_decoder_load) are measured off only. Writes
 benchmarks/results/loaders-<stamp>.json and .md (or into --results).
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import inspect
 import itertools
 import os
@@ -40,15 +51,20 @@ from rich.table import Table
 from benchmarks import goals as goals_
 from benchmarks import record
 from benchmarks.record import record_path, summarize, write_record
-from benchmarks.report import EPOCH_HEADERS, epoch_columns
+from benchmarks.report import EPOCH_HEADERS, epoch_columns, rand_augment_table
 from pipelines import KINDS, build_loader
-from pipelines.contract import LoaderUnavailable
+from pipelines.contract import LoaderUnavailable, RandAugment
 from pipelines.formats.manifest import load_manifest
 
 IMAGENET_TRAIN_IMAGES = 1_153_051  # ImageNet-1k's 1,281,167 train images less the 10 % holdout
 LEAD = 2  # batches after an epoch's start before a window's clock starts: the first ones carry the start
 BOUNDARY_TAIL = 3  # batches read at an epoch's end before its boundary is timed
 STARTS_AT = (0, 50, 90)  # where in an epoch (%) the first batch after a mid-epoch start is timed
+# Alternating two loaders: before a window, the one just closed gets this many of its batch-times to finish what
+# it had prefetched (torchvision's persistent workers: prefetch_factor 2 x workers; DALI's queue: 2; FFCV: a
+# few), so that its work does not land in the other's window. Capped at SETTLE_MAX_S.
+SETTLE_BATCHES = 4
+SETTLE_MAX_S = 2.0
 
 
 def endless(loader):
@@ -170,43 +186,95 @@ def imagenet_epoch(batch_size: int, images_per_batch: float, interval_s: float, 
             "imagenet_epoch_images_per_s": batches * images_per_batch / (batches * interval_s + boundary_s)}
 
 
-def measure(kind: str, data: Path, *, workers: int, device: torch.device, args, options: dict | None) -> dict:
-    start = time.perf_counter()
+def start(kind: str, data: Path, *, workers: int, device: torch.device, args, options: dict | None,
+          rand_augment: RandAugment | None = None):
+    """The train loader, built and past its warm-up: (loader, seconds from the build to the warm-up's end)."""
+    begin = time.perf_counter()
     loader = build_loader(kind, data, args.split, batch_size=args.batch_size, image_size=args.image_size,
                           train=True, device=device, dtype=args.dtype, workers=workers, options=options,
-                          views=args.views)
+                          views=args.views, rand_augment=rand_augment)
     check_seeks(loader, kind)
     warmup = endless(loader)
     for _ in range(args.warmup):
         next(warmup)
     warmup.close()
     sync(device)
-    warmup_s = time.perf_counter() - start
+    return loader, time.perf_counter() - begin
+
+
+def steady(windows: list[tuple[int, int, float]]) -> dict:
+    """The steady-state figures of a loader's windows; `_interval_s` (dropped from the record) feeds the rest.
+    The interval is the one the median images/s implies (the median window's with an odd number of windows): the
+    batch-times and the projection follow the headline figure, which an even count's mean of two would not."""
+    rates = [images / seconds for images, _, seconds in windows]
+    images_per_batch = sum(images for images, _, _ in windows) / sum(count for _, count, _ in windows)
+    interval = images_per_batch / statistics.median(rates)
+    return {"images_per_s": summarize(rates),
+            "batch_interval_ms": summarize([1e3 * seconds / count for _, count, seconds in windows]),
+            "steady_batch_ms": 1e3 * interval, "window_batches": [count for _, count, _ in windows],
+            "_interval_s": interval, "_images_per_batch": images_per_batch}
+
+
+def epoch_figures(loader, epochs, device: torch.device, args, interval: float, images_per_batch: float) -> dict:
+    """The epoch boundary, the first batch after mid-epoch starts, and the ImageNet-epoch projection."""
     batches = len(loader)
-    epochs = itertools.count(1)  # every measurement on an epoch of its own, as a trainer's come
-    windows = [window(loader, next(epochs), device, args) for _ in range(args.repeats)]
     boundaries = []
     for _ in range(args.boundaries):
         boundaries.append(epoch_boundary(loader, next(epochs), device))
         next(epochs)  # the boundary's second epoch, started there
     at = {str(p): min(batches - 1, batches * p // 100) for p in STARTS_AT}
     firsts = {p: [first_batch(loader, next(epochs), k, device) for _ in range(args.starts)] for p, k in at.items()}
-    del loader
-    rates = [images / seconds for images, _, seconds in windows]
-    images_per_batch = sum(images for images, _, _ in windows) / sum(count for _, count, _ in windows)
-    # the interval that the median images/s implies (the median window's with an odd number of windows): the
-    # batch-times and the projection follow the headline figure, which an even count's mean of two would not
-    interval, boundary = images_per_batch / statistics.median(rates), statistics.median(boundaries)
-    intervals = [seconds / count for _, count, seconds in windows]
+    boundary = statistics.median(boundaries)
     first = {p: summarize([1e3 * s for s in values]) for p, values in firsts.items()}
-    return {"images_per_s": summarize(rates),
-            "batch_interval_ms": summarize([1e3 * s for s in intervals]), "steady_batch_ms": 1e3 * interval,
-            "window_batches": [count for _, count, _ in windows], "epoch_batches": batches,
-            "epoch_boundary_ms": summarize([1e3 * s for s in boundaries]),
-            "epoch_boundary_batches": boundary / interval,
-            "first_batch_ms": first, "first_batch_at": at,
+    return {"epoch_batches": batches, "epoch_boundary_ms": summarize([1e3 * s for s in boundaries]),
+            "epoch_boundary_batches": boundary / interval, "first_batch_ms": first, "first_batch_at": at,
             "first_batch_90_over_0": first["90"]["median"] / first["0"]["median"],
-            **imagenet_epoch(args.batch_size, images_per_batch, interval, boundary), "warmup_s": warmup_s}
+            **imagenet_epoch(args.batch_size, images_per_batch, interval, boundary)}
+
+
+def public(figures: dict) -> dict:
+    return {k: v for k, v in figures.items() if not k.startswith("_")}
+
+
+def measure(kind: str, data: Path, *, workers: int, device: torch.device, args, options: dict | None) -> dict:
+    loader, warmup_s = start(kind, data, workers=workers, device=device, args=args, options=options)
+    epochs = itertools.count(1)  # every measurement on an epoch of its own, as a trainer's come
+    figures = steady([window(loader, next(epochs), device, args) for _ in range(args.repeats)])
+    figures |= epoch_figures(loader, epochs, device, args, figures["_interval_s"], figures["_images_per_batch"])
+    del loader
+    return {**public(figures), "warmup_s": warmup_s}
+
+
+def settle(interval_s: float) -> None:
+    """Lets the loader whose window just closed (or whose warm-up did) finish its prefetched batches before the
+    other one's window: SETTLE_BATCHES of its batch-times, at most SETTLE_MAX_S."""
+    time.sleep(min(SETTLE_MAX_S, SETTLE_BATCHES * interval_s))
+
+
+def measure_pair(kind: str, data: Path, *, workers: int, device: torch.device, args, options: dict | None,
+                 rand_augment: RandAugment) -> tuple[dict, dict]:
+    """(off, on): the loader without and with RandAugment, their windows alternated in one run (module
+    docstring). The off figures are measure()'s in full; the on figures the steady state only."""
+    off, off_warmup = start(kind, data, workers=workers, device=device, args=args, options=options)
+    on, on_warmup = start(kind, data, workers=workers, device=device, args=args, options=options,
+                          rand_augment=rand_augment)
+    settle(SETTLE_MAX_S)  # the on loader's workers go on prefetching after its warm-up, into the first off window
+    epochs = itertools.count(1)
+    windows = {"off": [], "on": []}
+    loaders = {"off": off, "on": on}
+    for repeat in range(args.repeats):
+        for which in (("off", "on") if repeat % 2 == 0 else ("on", "off")):
+            windows[which].append(window(loaders[which], next(epochs), device, args))
+            _, count, seconds = windows[which][-1]
+            settle(seconds / count)
+    del loaders, on  # the off loader's epoch figures with no second loader beside it
+    gc.collect()
+    off_figures, on_figures = steady(windows["off"]), steady(windows["on"])
+    off_figures |= epoch_figures(off, epochs, device, args, off_figures["_interval_s"],
+                                 off_figures["_images_per_batch"])
+    del off
+    return ({**public(off_figures), "warmup_s": off_warmup},
+            {**public(on_figures), "epoch_batches": off_figures["epoch_batches"], "warmup_s": on_warmup})
 
 
 def parse_args(argv):
@@ -235,9 +303,21 @@ def parse_args(argv):
                    help="also measure DALI's sequential webdataset reader (reader=webdataset) beside its default")
     p.add_argument("--dali-hw-load", type=float, nargs="+", default=None,
                    help="GPU only: also sweep DALI's hw_decoder_load over these values")
+    p.add_argument("--rand-augment", metavar="SPEC", default=None,
+                   help="also measure each real loader with RandAugment on, side by side with it off (timm's "
+                        "notation, e.g. rand-m9-mstd0.5-inc1, DeiT's)")
     p.add_argument("--results", type=Path, default=record.RESULTS, help="where the JSON and markdown go")
     args = p.parse_args(argv)
     args.dtype = getattr(torch, args.dtype)
+    if args.rand_augment is not None:
+        try:
+            args.rand_augment_spec = RandAugment.parse(args.rand_augment)
+        except ValueError as e:
+            p.error(f"--rand-augment: {e}")
+        if args.rand_augment_spec is None:
+            p.error("--rand-augment: give a spec such as rand-m9-mstd0.5-inc1 (leave the flag out for none)")
+        if args.views != 1:
+            p.error("--rand-augment is for --views 1: the two-view loaders apply SimCLR's augmentation")
     return args
 
 
@@ -273,24 +353,33 @@ def markdown(rows: list[dict], env: dict, settings: dict, ceiling: dict) -> str:
         ratio = f"{r['vs_torchvision']:.2f}x" if r.get("vs_torchvision") else "-"
         lines.append(f"| {r['label']} | {r['workers'] or '-'} | {s['median']:,.0f} | {s['min']:,.0f}-{s['max']:,.0f} "
                      f"| {ratio} | {' | '.join(epoch_columns(r))} |")
+    paired = [r for r in rows if r.get("rand_augment")]
+    if paired:
+        lines += ["", f"RandAugment {paired[0]['rand_augment']} on against off: the same loader built twice, their "
+                  "windows alternated in this run; in-epoch images/s (the on rows have no epoch-boundary or start "
+                  "figures: those are the off rows').", "", *rand_augment_table(paired)]
     per_core = ceiling["images_per_s_per_core"]["median"]
     lines += ["", f"JPEG decode ceiling (PIL, full decode, one core): {per_core:,.0f} images/s per core."]
     return "\n".join(lines) + "\n"
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """vs_torchvision: each loader over the torchvision baseline at the same worker count."""
-    baseline = {r["workers"]: r["images_per_s"]["median"] for r in rows if r["kind"] == "torchvision"}
+    """vs_torchvision: each loader over the torchvision baseline at the same worker count and RandAugment (on
+    rows against torchvision on)."""
+    baseline = {(r["workers"], r.get("rand_augment")): r["images_per_s"]["median"]
+                for r in rows if r["kind"] == "torchvision"}
     for r in rows:
-        if r["kind"] != "torchvision" and r["workers"] in baseline:
-            r["vs_torchvision"] = r["images_per_s"]["median"] / baseline[r["workers"]]
+        key = (r["workers"], r.get("rand_augment"))
+        if r["kind"] != "torchvision" and key in baseline:
+            r["vs_torchvision"] = r["images_per_s"]["median"] / baseline[key]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     console = Console()
-    settings = {k: (str(v) if isinstance(v, (Path, torch.dtype)) else v) for k, v in vars(args).items()}
+    settings = {k: (str(v) if isinstance(v, (Path, torch.dtype)) else v) for k, v in vars(args).items()
+                if k != "rand_augment_spec"}
     settings["max_resolution"] = load_manifest(args.data)["settings"]["max_resolution"]  # 0: full size
     goals = {"cpu_ratio_vs_torchvision": goals_.CPU_RATIO, "cpu_epoch_boundary_batches": goals_.CPU_EPOCH_START,
              "cpu_first_batch_90_over_0": goals_.CPU_RESUME, "gpu_images_per_s": goals_.GPU_LOADER,
@@ -305,9 +394,25 @@ def main(argv: list[str] | None = None) -> int:
         path.with_suffix(".md").write_text(markdown(rows, record.environment(), settings, ceiling))
 
     for kind, workers, options, label in configurations(args, device):
-        console.print(f"[dim]measuring {label}, {workers or '-'} workers ...[/dim]")
+        # RandAugment on against off: each real loader's default configuration (module docstring)
+        pair = args.rand_augment is not None and kind != "synthetic" and options is None
+        console.print(f"[dim]measuring {label}{' off and + ' + args.rand_augment if pair else ''}, "
+                      f"{workers or '-'} workers ...[/dim]")
         try:
-            result = measure(kind, args.data, workers=workers, device=device, args=args, options=options)
+            if pair:
+                try:
+                    result, on = measure_pair(kind, args.data, workers=workers, device=device, args=args,
+                                              options=options, rand_augment=args.rand_augment_spec)
+                except LoaderUnavailable:
+                    raise
+                except Exception as e:  # RandAugment's failure must not cost the loader's own figures
+                    console.print(f"[red]{label} + {args.rand_augment}, {workers} workers failed: "
+                                  f"{type(e).__name__}: {e}; measuring {label} alone[/red]")
+                    failed.append({"label": f"{label} + {args.rand_augment}", "workers": workers,
+                                   "error": f"{type(e).__name__}: {e}"})
+                    pair = False
+            if not pair:
+                result = measure(kind, args.data, workers=workers, device=device, args=args, options=options)
         except LoaderUnavailable as e:
             console.print(f"[yellow]skipped {kind}: {e}[/yellow]")
             continue
@@ -318,8 +423,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if args.views == 2:  # its own label: the report must not merge it with the one-view rows
             label += " 2 views"
-        rows.append({"label": label, "kind": kind, "workers": workers, "options": options or {}, "views": args.views,
-                     **result})
+        common = {"kind": kind, "workers": workers, "options": options or {}, "views": args.views}
+        rows.append({"label": label, **common, "rand_augment": None, **result})
+        if pair:  # its own label too: the report merges rows by (label, workers)
+            off = {"label": label, "images_per_s": result["images_per_s"]["median"]}
+            rows.append({"label": f"{label} + {args.rand_augment}", **common, "rand_augment": args.rand_augment,
+                         **on, "rand_augment_off": off,
+                         "vs_rand_augment_off": on["images_per_s"]["median"] / off["images_per_s"]})
         save()
     save()
 
@@ -333,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['vs_torchvision']:.2f}x" if r.get("vs_torchvision") else "-", *epoch_columns(r),
                       f"{r['warmup_s']:.1f}")
     console.print(table)
+    paired = [r for r in rows if r.get("rand_augment")]
+    if paired:
+        console.print("\n".join(rand_augment_table(paired)))
     console.print(f"one core decodes {ceiling['images_per_s_per_core']['median']:,.0f} of these JPEGs per second "
                   f"(PIL, full decode): the CPU decode ceiling is that times the workers")
     console.print(f"record: {path} (and .md)")

@@ -6,8 +6,11 @@
 
 For every (benchmark, machine) the newest record is reported. Per loader: images/s inside an epoch, the
 epoch boundary (ms and batch-times), the first batch after a start at 0, 50 and 90 % of an epoch, and the
-images/s projected over an ImageNet epoch; records measured before those figures show '-'. Charts
-(matplotlib): loader images/s per loader and stored resolution, images/s against workers (where each loader
+images/s projected over an ImageNet epoch; records measured before those figures show '-'. RandAugment cost
+per loader: each loader's images/s with RandAugment on against off, measured side by side in one run
+(benchmarks/loaders.py --rand-augment). Progressive resolution: training images/s at each size of a preset's ramp
+and the projected wall-clock of an ImageNet run against the presets measured beside it (benchmarks/resolution.py).
+Charts (matplotlib): loader images/s per loader and stored resolution, images/s against workers (where each loader
 saturates), and training real/synthetic.
 """
 from __future__ import annotations
@@ -113,6 +116,12 @@ def figures(r: dict) -> dict[str, float]:
         for row in r["results"]:
             what = f"train {objective(r) + ' ' if objective(r) else ''}{row['kind']}"
             out[f"{what}, batch {row['batch_size']}"] = row["images_per_s"]["median"]
+    elif r["benchmark"] == "resolution":
+        for row in r["results"]:
+            name = f"train {row['preset']} at {row['size']} px, batch {row['batch_size']}, {row.get('precision', '?')}"
+            out[name] = row["images_per_s"]["median"]
+        for run in r.get("projection", []):
+            out[f"projected ImageNet training of {run['preset']}, h"] = run["train_h"]
     elif r["benchmark"] == "checkpoint":
         out[f"checkpoint: training time lost per {r['preset']} checkpoint, s"] = r["blocked_s"]
     elif r["benchmark"] == "convert":
@@ -127,7 +136,9 @@ def newest(records: list[dict]) -> dict[tuple[str, str, str], dict]:
     latest: dict[tuple[str, str, str], dict] = {}
     for r in sorted(records, key=lambda r: r["date"]):
         if r["benchmark"] != "loaders":
-            latest[(r["benchmark"], machine(r), train_variant(r) if r["benchmark"] == "train_step" else "")] = r
+            variant = train_variant(r) if r["benchmark"] == "train_step" else \
+                r["settings"].get("device", "?") if r["benchmark"] == "resolution" else ""
+            latest[(r["benchmark"], machine(r), variant)] = r
             continue
         key = ("loaders", machine(r), f"{resolution(r)} on {r['settings'].get('device', '?')}")
         merged = latest.get(key)
@@ -166,7 +177,7 @@ def chart_loaders(records: list[dict], path: Path, title: str) -> None:
     best: dict[str, dict[str, float]] = {}
     for r in records:
         for row in r["results"]:
-            if row["kind"] == "synthetic" or row["options"] or row.get("views", 1) != 1:
+            if row["kind"] == "synthetic" or row["options"] or row.get("views", 1) != 1 or row.get("rand_augment"):
                 continue
             per_kind = best.setdefault(resolution(r), {})
             per_kind[row["kind"]] = max(per_kind.get(row["kind"], 0), row["images_per_s"]["median"])
@@ -189,7 +200,8 @@ def chart_scaling(r: dict, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for kind in sorted({row["kind"] for row in r["results"] if row["kind"] != "synthetic"}):
         rows = sorted((row["workers"], row["images_per_s"]["median"]) for row in r["results"]
-                      if row["kind"] == kind and not row["options"] and row.get("views", 1) == 1)
+                      if row["kind"] == kind and not row["options"] and row.get("views", 1) == 1
+                      and not row.get("rand_augment"))
         ax.plot([w for w, _ in rows], [v for _, v in rows], marker="o", label=kind)
     ax.set_xlabel("CPU workers (threads or processes)")
     ax.set_ylabel("images/s (median)")
@@ -257,6 +269,7 @@ def render(records: list[dict], out: Path) -> str:
                 png = f"charts/scaling-{slug(m)}.png"
                 chart_scaling(widest, out.parent / png, f"images/s against workers ({resolution(widest)}) - {m}")
                 lines += [f"![worker scaling on {m}]({png})", ""]
+            lines += rand_augment_section(loader_records)
         for (b, mm, what), train in sorted(latest.items()):
             if b != "train_step" or mm != m:
                 continue
@@ -275,6 +288,9 @@ def render(records: list[dict], out: Path) -> str:
             chart_real_vs_synthetic(train, out.parent / png, f"training {what} real / synthetic - {m}")
             lines += ["", f"record {train['_file']} (commit {train['commit']})", "",
                       f"![real over synthetic on {m}]({png})", ""]
+        for (b, mm, _), ramp in sorted(latest.items()):
+            if b == "resolution" and mm == m:
+                lines += resolution_section(ramp)
         convert = latest.get(("convert", m, ""))
         if convert:
             lines += ["### Converter", "", "| workers | end to end images/s per core |", "|---:|---:|"]
@@ -297,6 +313,82 @@ def render(records: list[dict], out: Path) -> str:
     text = "\n".join(lines) + "\n"
     out.write_text(text)
     return text
+
+
+RAND_AUGMENT_HEADERS = ("loader", "workers", "RandAugment", "off images/s", "on images/s", "on spread (min-max)",
+                        "on / off")
+
+
+def rand_augment_table(rows: list[dict], extra: tuple[str, ...] = (), cells=lambda row: ()) -> list[str]:
+    """On against off (markdown lines), one line per RandAugment row; `extra` columns from `cells(row)`."""
+    lines = ["| " + " | ".join((*RAND_AUGMENT_HEADERS, *extra)) + " |",
+             "|---|---:|---|---:|---:|---:|---:|" + "---|" * len(extra)]
+    for r in rows:
+        s, off = r["images_per_s"], r["rand_augment_off"]
+        lines.append(f"| {off['label']} | {r['workers'] or '-'} | {r['rand_augment']} | {off['images_per_s']:,.0f} | "
+                     f"{s['median']:,.0f} | {s['min']:,.0f}-{s['max']:,.0f} | {r['vs_rand_augment_off']:.2f}x |"
+                     + "".join(f" {c} |" for c in cells(r)))
+    return lines
+
+
+SIZE_HEADERS = ("preset", "size px", "tokens", "batch", "precision", "images/s", "spread (min-max)", "vs final size",
+                "step ms", "GFLOP per image", "achieved TFLOP/s", "MFU")
+
+
+def resolution_table(rows: list[dict]) -> list[str]:
+    """The per-size table (markdown lines), for this record's .md and the report."""
+    lines = ["| " + " | ".join(SIZE_HEADERS) + " |", "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        s = r["images_per_s"]
+        vs = f"{r['vs_final_size']:.2f}x" if r.get("vs_final_size") else "-"
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        lines.append(f"| {r['preset']} | {r['size']} | {r['tokens'] or '-'} | {r['batch_size']} | "
+                     f"{r.get('precision', '-')} | {s['median']:,.2f} | {s['min']:,.2f}-{s['max']:,.2f} | {vs} | "
+                     f"{r['step_ms']['median']:,.0f} | {r['train_gflops_per_image']:.1f} | "
+                     f"{r['achieved_tflops']:.3f} | {mfu} |")
+    return lines
+
+
+def projection_table(runs: list[dict]) -> list[str]:
+    """The projected-run table (markdown lines): epochs at each size, hours, and the ratio to each other preset."""
+    lines = ["| preset | epochs at size (px x epochs) | projected ImageNet training | "
+             + " | ".join(f"vs {q['preset']}" for q in runs) + " |", "|---|---|---:|" + "---:|" * len(runs)]
+    for r in runs:
+        at = ", ".join(f"{s} x {c}" for s, c in r["epochs_at"].items())
+        vs = " | ".join(f"{r['vs'][q['preset']]:.3f}" if q is not r else "-" for q in runs)
+        lines.append(f"| {r['preset']} | {at} | {r['train_h']:,.1f} h | {vs} |")
+    return lines
+
+
+def rand_augment_section(loader_records: list[dict]) -> list[str]:
+    """RandAugment on against off per loader (markdown lines; none without such rows). Each on row carries the off
+    figure of its own run, so the ratio is side by side even where a later run replaced the off row."""
+    rows = [(r, row) for r in loader_records for row in r["results"] if row.get("rand_augment")]
+    if not rows:
+        return []
+    stored = {id(row): (resolution(r), r["settings"].get("device", "?")) for r, row in rows}
+    return ["### RandAugment cost per loader", "",
+            "In-epoch images/s of each loader with RandAugment on against off (train mode, the record's batch and "
+            "crop size), both loaders built in one run and their windows alternated (benchmarks/loaders.py "
+            "--rand-augment). RandAugment runs per sample on the device after the crop and flip: in DALI's graph "
+            "for dali, in torch (pipelines/rand_augment.py) for ffcv and torchvision.", "",
+            *rand_augment_table([row for _, row in rows], ("stored", "device", "record"),
+                                lambda row: (*stored[id(row)], f"{row['_file']} (commit {row['_commit']})")), ""]
+
+
+def resolution_section(r: dict) -> list[str]:
+    """Training images/s per size of a resolution ramp and the projected run (markdown lines)."""
+    settings = r["settings"]
+    lines = ["### Progressive resolution", "",
+             f"Training images/s of the trainer's step (synthetic input made once on the device) at each size of "
+             f"the ramp, on {settings.get('device', '?')}, median of {settings.get('repeats')} windows of "
+             f"{settings.get('steps')} step(s), the sizes interleaved in each round (benchmarks/resolution.py). "
+             f"The projection: each epoch of the preset at its size, {r['imagenet_train_images']:,} images "
+             f"({r['imagenet_train_images_source']}) / images/s at that size, steps only.", "",
+             *resolution_table(r["results"]), "", *projection_table(r.get("projection", [])), ""]
+    if r.get("note"):
+        lines += [f"Note: {r['note']}.", ""]
+    return lines + [f"record {r['_file']} (commit {r['commit']})", ""]
 
 
 README_START = "<!-- benchmarks.report: start (generated by python -m benchmarks.report --readme README.md) -->"

@@ -1,18 +1,22 @@
 """The benchmark suites, one entry point: builds the data they need, then runs each part and writes its records.
 
-    python -m benchmarks.run --suite cpu|gpu|all [--only data loaders scaling train convert] [--dry-run]
+    python -m benchmarks.run --suite cpu|gpu|all [--only data loaders scaling train resolution convert] [--dry-run]
                              [--results benchmarks/results] [--work build/bench]
     python -m benchmarks.report          # then: benchmarks/report.md with tables and charts
 
 Parts (each writes JSON records with hardware, versions, commit and settings; see benchmarks/record.py):
 - `data`: a generated ImageNet-like sample (tools/make_sample_imagenet.py), converted at every stored
   resolution the suite measures (the converter's --max-resolution; 0 keeps full size). Reused when present.
-- `loaders`: each loader alone (benchmarks/loaders.py) at every stored resolution, all cores; then with the
-  two-view (SimCLR) augmentation, where images/s counts views.
+- `loaders`: each loader alone (benchmarks/loaders.py) at every stored resolution, all cores, and on the data
+  the training part reads, RandAugment (DeiT's rand-m9-mstd0.5-inc1) on against off, side by side; then with
+  the two-view (SimCLR) augmentation, where images/s counts views.
 - `scaling`: the loaders over a sweep of CPU workers at one resolution, to show where each one saturates.
 - `train`: training steps from synthetic input and from each loader (benchmarks/train_step.py): the
   real/synthetic ratio, MFU and peak GPU memory, with a profile that splits each step into input wait and
   model time; then the same for SimCLR (two views per image).
+- `resolution`: ViT-B/16's training images/s at each size of vit_b16_fast's resolution ramp (128 -> 224 px)
+  beside vit_b16_seed at 224 px, and the wall-clock of an ImageNet run each projects to
+  (benchmarks/resolution.py); synthetic input, so it needs no data.
 - `convert`: converter images/s per core (benchmarks/convert.py).
 
 Train epochs are at least 200 batches at the suite's batch size, so that an epoch start weighs in the
@@ -41,10 +45,12 @@ from rich.console import Console
 from benchmarks import convert as convert_bench
 from benchmarks import loaders as loaders_bench
 from benchmarks import record
+from benchmarks import resolution as resolution_bench
 from benchmarks import train_step as train_bench
 
+RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # DeiT's, as training/presets/deit_b16.yaml trains with it
 # convert runs before the loaders: it forks worker processes, which is unsafe once DALI and FFCV threads run
-PARTS = ("data", "convert", "loaders", "scaling", "train")
+PARTS = ("data", "convert", "loaders", "scaling", "train", "resolution")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -65,6 +71,7 @@ class Suite:
     loader_args: tuple[str, ...]  # benchmarks.loaders' window settings
     train_resolution: int  # the stored data `train` reads
     train_args: tuple[str, ...]  # benchmarks.train_step's model and window settings
+    resolution_args: tuple[str, ...]  # benchmarks.resolution's presets and window settings
     convert_args: tuple[str, ...]
 
 
@@ -91,6 +98,10 @@ def suites(cores: int) -> dict[str, Suite]:
                      train_resolution=512,
                      train_args=("--preset", "tiny_cpu", "--batch-size", "32", "--steps", "10", "--repeats", "3",
                                  "--warmup", "3"),
+                     # ViT-B/16 itself, eager fp32 (bf16 is emulated on this CPU): a step of batch 8 takes 3-8 s,
+                     # so windows of one step, 3 rounds over 5 (preset, size) pairs: 2.5 minutes on quiet cores
+                     resolution_args=("--preset", "vit_b16_fast", "--compare", "vit_b16_seed", "--batch-size", "8",
+                                      "--steps", "1", "--repeats", "3", "--warmup", "1"),
                      convert_args=("--repeats", "3", "--classes", "10", "--per-class", "30")),
         # One H100 or H200: 100 x 145 full-size images (30 generated per class), 13,100 train = 204 batches of 64. Loaders at full size
         # (the goal's 10,000 images/s is from full-size JPEGs) and at the default 512. A window is >= 1 s while
@@ -104,6 +115,11 @@ def suites(cores: int) -> dict[str, Suite]:
                      train_resolution=512,
                      train_args=("--preset", "vit_b16_seed", "--batch-size", "64", "--steps", "30",
                                  "--repeats", "3", "--warmup", "20"),
+                     # bf16, eager: compiled, the 5 (preset, size) graphs would take 3-6 minutes, more than the GPU
+                     # check has; eager steps carry more launch overhead at the small sizes, so the ramp's gain
+                     # measured here is a lower bound of the compiled one
+                     resolution_args=("--preset", "vit_b16_fast", "--compare", "vit_b16_seed", "--batch-size", "64",
+                                      "--steps", "10", "--repeats", "3", "--warmup", "3", "--compile-mode", "none"),
                      convert_args=("--repeats", "2", "--classes", "10", "--per-class", "30")),
     }
 
@@ -116,6 +132,9 @@ def dry(suite: Suite) -> Suite:
         loader_args=("--batch-size", "8", "--image-size", "32", "--batches", "2", "--repeats", "2", "--warmup", "1",
                      "--boundaries", "2", "--starts", "2"),
         train_args=("--preset", "tiny_cpu", "--batch-size", "8", "--steps", "2", "--repeats", "2", "--warmup", "1"),
+        # the tiny ViT with a 24 -> 32 px ramp beside it without one
+        resolution_args=("--preset", "tiny_cpu_deit", "--compare", "tiny_cpu", "--batch-size", "4", "--steps", "1",
+                         "--repeats", "2", "--warmup", "1"),
         convert_args=("--repeats", "1", "--workers", "1", "--classes", "2", "--per-class", "6"))
 
 
@@ -164,8 +183,10 @@ def run_part(part: str, suite: Suite, work: Path, results: Path, console: Consol
         build_data(suite, work, console)
     elif part == "loaders":
         for resolution in suite.resolutions:
-            # DALI's webdataset reader beside its index reader, on the data the training part reads
-            readers = ["--dali-webdataset"] if resolution == suite.train_resolution else []
+            # DALI's webdataset reader beside its index reader, and RandAugment on against off, on the data the
+            # training part reads
+            train_data = resolution == suite.train_resolution
+            readers = ["--dali-webdataset", "--rand-augment", RAND_AUGMENT] if train_data else []
             codes.append(loaders_bench.main(["--data", str(dataset(work, resolution)), *common, *readers,
                                              "--workers", str(max(suite.scaling_workers)), *suite.loader_args]))
         # the two-view (SimCLR) augmentation, on the data the training part reads
@@ -181,6 +202,8 @@ def run_part(part: str, suite: Suite, work: Path, results: Path, console: Consol
                                        *suite.train_args]))
         # SimCLR: two views per image through the same model; at the supervised run's batch, no profile
         codes.append(train_bench.main([*data, *common, "--objective", "simclr", *suite.train_args]))
+    elif part == "resolution":
+        codes.append(resolution_bench.main([*common, *suite.resolution_args]))
     elif part == "convert":
         codes.append(convert_bench.main([*suite.convert_args, "--results", str(results)]))
     if any(codes):

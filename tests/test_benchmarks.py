@@ -159,10 +159,11 @@ def test_gpu_check_dry_run(tmp_path):
     assert names == {"environment.txt", "steps.log", "records.tar"}  # the GPU machine returns at most 8 files
     with tarfile.open(tmp_path / "results" / "records.tar") as tar:
         records = [n for n in tar.getnames() if n.endswith(".json")]
-    assert {n.split("/")[-1].split("-")[0] for n in records} == {"loaders", "train_step", "convert", "checkpoint"}
+    assert {n.split("/")[-1].split("-")[0] for n in records} == {"loaders", "train_step", "resolution", "convert",
+                                                                  "checkpoint"}
     log = (tmp_path / "results" / "steps.log").read_text()
-    assert all(f"== {step}:" in log for step in ("data", "train", "compile", "batch256", "loaders", "scaling", "tests",
-                                                 "convert", "checkpoint"))
+    assert all(f"== {step}:" in log for step in ("data", "train", "compile", "batch256", "loaders", "resolution",
+                                                 "scaling", "tests", "convert", "checkpoint"))
 
 
 def test_gpu_check_reports_what_the_budget_left_out(tmp_path):
@@ -177,22 +178,32 @@ def test_gpu_check_reports_what_the_budget_left_out(tmp_path):
 
 def test_cpu_suite_then_report(tmp_path):
     """`benchmarks.run --suite cpu` (dry-run sizes) writes every part's records; the report renders them with
-    its goals section, and a loader record per stored resolution (256, 512, full size) and for two views."""
+    its goals section, a loader record per stored resolution (256, 512, full size) and for two views, RandAugment
+    on against off at 512 px (the training data), and the resolution ramp's sizes with the projected run."""
     results = tmp_path / "results"
     assert run.main(["--suite", "cpu", "--dry-run", "--results", str(results), "--work", str(tmp_path / "w")]) == 0
     records = report.load([results])
-    assert sorted({r["benchmark"] for r in records}) == ["convert", "loaders", "train_step"]
+    assert sorted({r["benchmark"] for r in records}) == ["convert", "loaders", "resolution", "train_step"]
     loader_records = [r for r in records if r["benchmark"] == "loaders"]
     # 256, 512, full size; the worker sweep at 512; the two-view augmentation at 512 (the training data)
     assert sorted(report.resolution(r) for r in loader_records) == ["256 px", "512 px", "512 px", "512 px", "full size"]
     (two_view,) = [r for r in loader_records if r["settings"]["views"] == 2]
     assert {row["label"] for row in two_view["results"]} >= {"dali 2 views", "ffcv 2 views", "torchvision 2 views"}
-    scaling = max(loader_records, key=lambda r: len(r["results"]))
+    scaling = max(loader_records, key=lambda r: len({row["workers"] for row in r["results"]}))
     assert {row["workers"] for row in scaling["results"] if row["kind"] == "torchvision"} == {1, 2}
     assert all(r["decode_ceiling"]["images_per_s_per_core"]["median"] > 0 for r in loader_records)
+    (augmented,) = [r for r in loader_records if r["settings"]["rand_augment"]]
+    assert report.resolution(augmented) == "512 px" and augmented["settings"]["rand_augment"] == run.RAND_AUGMENT
+    on = {row["kind"]: row for row in augmented["results"] if row["rand_augment"]}
+    assert set(on) == {"dali", "ffcv", "torchvision"} and all(row["vs_rand_augment_off"] > 0 for row in on.values())
     for r in loader_records:
         for row in r["results"]:
-            check_epoch_figures(row, batch_size=8, window=2)
+            if not row.get("rand_augment"):  # the on rows are in-epoch only
+                check_epoch_figures(row, batch_size=8, window=2)
+    (ramp,) = [r for r in records if r["benchmark"] == "resolution"]
+    assert {(row["preset"], row["size"]) for row in ramp["results"]} == {("tiny_cpu_deit", 24), ("tiny_cpu_deit", 32),
+                                                                         ("tiny_cpu", 32)}
+    assert {run_["preset"] for run_ in ramp["projection"]} == {"tiny_cpu_deit", "tiny_cpu"}
     trains = {r["settings"]["objective"]: r for r in records if r["benchmark"] == "train_step"}
     assert set(trains) == {"supervised", "simclr"}
     assert all(row["profile"]["step_ms"] > 0 for row in trains["supervised"]["results"])
@@ -204,6 +215,8 @@ def test_cpu_suite_then_report(tmp_path):
         assert f"| {kind} first batch at 90 % of an epoch over at 0, 2 workers, 512 px | <= 2x |" in text
     assert "| epoch boundary ms (batch-times) | first batch at 0/50/90 % ms | ImageNet epoch images/s |" in text
     assert "### Training (batch 8): real input" in text and "### Training (simclr, batch 8, two views per image" in text
+    assert "### RandAugment cost per loader" in text and f"| ffcv | 2 | {run.RAND_AUGMENT} |" in text
+    assert "### Progressive resolution" in text and "| tiny_cpu_deit | 24 x 2, 32 x 6 |" in text
 
 
 def test_gpu_suite_refuses_without_a_gpu(capsys):
