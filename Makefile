@@ -39,14 +39,14 @@ demo: setup
 	$(PY) training/run.py --preset tiny_cpu --loader dali --data $(DEMO)/converted --out $(DEMO)/runs \
 	  --name tiny_cpu-dali
 	# The second example: DeiT's augmentation at toy scale (RandAugment in DALI's graph, mixup/cutmix and
-	# erasing on the batch, drop path, an EMA, a 24 -> 32 px resolution ramp), about two minutes.
+	# erasing on the batch, drop path, an EMA, a 24 -> 32 px resolution ramp), 3-5 minutes on 2 cores.
 	rm -rf $(DEMO)/runs/tiny_cpu_deit-dali
 	$(PY) training/run.py --preset tiny_cpu_deit --loader dali --data $(DEMO)/converted --out $(DEMO)/runs \
 	  --name tiny_cpu_deit-dali
 	@echo "demo output: $(DEMO)/converted (the converted dataset), $(DEMO)/runs/tiny_cpu-dali and" \
 	  "$(DEMO)/runs/tiny_cpu_deit-dali (the runs)"
 
-# The CPU benchmark suite (about 17 minutes on 2 cores, 1.5 of them building its data in build/bench), what a
+# The CPU benchmark suite (about 21 minutes on 2 cores, 1.5 of them building its data in build/bench), what a
 # ViT-B/16 checkpoint costs training (about a minute), then the report:
 # benchmarks/report.md, its charts, and the README's Results tables.
 bench: setup
