@@ -323,9 +323,9 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
             scaler.load_state_dict(saved["scaler"])
         state = TrainState(**saved["position"], best=saved["best"])
         checkpoint.set_rng_state(saved["rng"])
+        console.print(f"resuming {run_dir} at epoch {state.epoch}, batch {state.batch} (step {state.step})")
     if getattr(objective, "augment", None) is not None:
         objective.augment.step = state.step  # erasing and mixup draw from (seed, step): a resume draws on
-        console.print(f"resuming {run_dir} at epoch {state.epoch}, batch {state.batch} (step {state.step})")
 
     # DDP first, then compile (the order torch's DDP + compile integration expects). `model` stays the plain
     # module: it is what checkpoints save (timm's key names) and what evaluation runs (no recompiles).
