@@ -21,8 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks.record import summarize, write_record
-from pipelines.formats.convert import ConvertSettings, convert
-from tools.make_sample_imagenet import make_sample
+from pipelines.convert.job import ConvertSettings, convert
+from pipelines.convert.sample import make_sample
 
 GOAL_PER_CORE = 150  # images/s per core at the default settings, the converter issue's goal
 

@@ -8,7 +8,7 @@ and the wall-clock of one full ImageNet run that those rates project to, against
 Each preset gets its own network (training.objectives.build_network: with data.ramp, timm's dynamic_img_size,
 one model at every size) and the trainer's Step (training/loop.py; train_step as benchmarks/train_step.py runs
 it, plus the EMA update where the preset has train.ema_decay). Its input is synthetic: one batch per size made
-once on the device (pipelines/synthetic.py's SyntheticLoader), so the figure is the model's, not a loader's.
+once on the device (pipelines/loaders/synthetic.py's SyntheticLoader), so the figure is the model's, not a loader's.
 Measured at every distinct size of the ramp (Ramp.distinct_sizes: the final size, data.image_size, among them):
 - `--warmup` steps per (preset, size) outside the clock: the first step allocates AdamW's moments and, compiled,
   builds the size's graph (compile_for_training with the ramp's sizes, as training/run.py does);
@@ -44,17 +44,17 @@ from benchmarks.loaders import IMAGENET_TRAIN_IMAGES, sync
 from benchmarks.record import record_path, summarize, write_record
 from benchmarks.report import projection_table, resolution_table
 from benchmarks.train_step import EAGER, build_step, default_peak, with_options
-from pipelines.synthetic import SyntheticLoader
+from pipelines.loaders.synthetic import SyntheticLoader
 from training.config import COMPILE_MODES, apply_overrides, load_config, ramp_of
 from training.loop import train_step
 from training.objectives import build_network, build_objective
 from training.run import DTYPES, autocast_factory, compile_for_training
 
 # ImageNet-1k's 1,281,167 train images less the converter's 10 % holdout, which takes round(0.1 x n) of each
-# class (pipelines/formats/split.py, holdout_count): 1,281,167 x 0.9 = 1,153,050.3, the per-class rounding
+# class (pipelines/convert/split.py, holdout_count): 1,281,167 x 0.9 = 1,153,050.3, the per-class rounding
 # moving the exact count by at most 500 (0.04 %). benchmarks/loaders.py's constant, shared.
 IMAGES_SOURCE = ("ImageNet-1k's 1,281,167 train images less the 10 % holdout (round(0.1 x n) per class, "
-                 "pipelines/formats/split.py): 1,281,167 x 0.9 = 1,153,050.3; approximate to the per-class "
+                 "pipelines/convert/split.py): 1,281,167 x 0.9 = 1,153,050.3; approximate to the per-class "
                  "rounding, at most 500 images (0.04 %)")
 CPU_NOTE = ("CPU figures rank the sizes; they do not predict a GPU: on a CPU the step's cost follows its FLOPs, "
             "while on a GPU the small sizes are further from saturating the chip (fewer tokens per matmul), so a "

@@ -145,8 +145,8 @@ def dataset(work: Path, resolution: int) -> Path:
 def build_data(suite: Suite, work: Path, console: Console) -> None:
     """The sample tree and one conversion per stored resolution; kept across runs (the converter resumes an
     identical OUT and refuses one made with other settings)."""
-    from pipelines.formats.convert import ConvertSettings, convert
-    from tools.make_sample_imagenet import make_sample
+    from pipelines.convert.job import ConvertSettings, convert
+    from pipelines.convert.sample import make_sample
     source = work / "source"
     done = source / ".complete"
     if not done.exists():

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 
     from .contract import Loader, RandAugment, Ramp
 
-# kind -> module in this package
-KINDS = {"dali": "dali_loader", "ffcv": "ffcv_loader", "torchvision": "torchvision_ref", "synthetic": "synthetic"}
+# kind -> its module in pipelines/loaders/
+KINDS = {kind: f"{__name__}.loaders.{kind}" for kind in ("dali", "ffcv", "torchvision", "synthetic")}
 
 
 def check_options(kind: str, options: dict | None) -> None:
@@ -29,7 +29,7 @@ def check_options(kind: str, options: dict | None) -> None:
     LoaderUnavailable when the kind's library is missing: checked before a run starts, not when it builds loaders."""
     if kind not in KINDS:
         raise ValueError(f"unknown loader '{kind}'; choose from {', '.join(KINDS)}")
-    importlib.import_module(f".{KINDS[kind]}", __name__).parse(options)
+    importlib.import_module(KINDS[kind]).parse(options)
 
 
 def build_loader(kind: str, data: Path | str, split: str, *, batch_size: int, image_size: int, train: bool,
@@ -49,7 +49,7 @@ def build_loader(kind: str, data: Path | str, split: str, *, batch_size: int, im
     if views == 2 and (rand_augment is not None or ramp is not None):
         raise ValueError("rand_augment and ramp are for views=1: the two-view loaders apply SimCLR's augmentation "
                          "at image_size")
-    module = importlib.import_module(f".{KINDS[kind]}", __name__)
+    module = importlib.import_module(KINDS[kind])
     return module.build(Path(data), split, batch_size=batch_size, image_size=image_size, train=train,
                         device=torch.device(device), dtype=dtype or torch.float32, rank=rank,
                         world_size=world_size, seed=seed, workers=workers, options=options,

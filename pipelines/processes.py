@@ -64,7 +64,7 @@ def _measure(workers: int = 2, repeats: int = 2) -> None:
         method, preload = sys.argv[1], sys.argv[2] == "preload"
         ctx = multiprocessing.get_context(method)
         if method == "forkserver" and preload:
-            ctx.set_forkserver_preload(["torch", "pipelines.torchvision_ref"])
+            ctx.set_forkserver_preload(["torch", "pipelines.loaders.torchvision"])
         times = []
         for _ in range({repeats}):
             start = time.perf_counter()

@@ -8,8 +8,8 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipelines.formats.convert import ConvertSettings, convert  # noqa: E402
-from tools.make_sample_imagenet import add_quirks, make_sample  # noqa: E402
+from pipelines.convert.job import ConvertSettings, convert  # noqa: E402
+from pipelines.convert.sample import add_quirks, make_sample  # noqa: E402
 
 
 def quiet() -> Console:

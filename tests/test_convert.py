@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from conftest import ROOT, quiet
-from pipelines.formats.convert import ConvertError, ConvertSettings, convert
+from pipelines.convert.job import ConvertError, ConvertSettings, convert
 from pipelines.formats.verify import verify
 
 CONVERT = [sys.executable, str(ROOT / "tools/convert_imagenet.py")]

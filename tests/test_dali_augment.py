@@ -1,4 +1,4 @@
-"""The dali loader's RandAugment (dali_pipeline._rand_augment, dali_source.rand_augment_draws) and progressive
+"""The dali loader's RandAugment (dali_graph._rand_augment, dali_source.rand_augment_draws) and progressive
 resolution (a Ramp): the host's draws follow timm's "rand-m9-mstd0.5-inc1", the graph applies to each sample the
 operations the host drew for it, batches stay a function of their position, and a ramp changes the side at
 epoch boundaries without a new pipeline.
@@ -13,7 +13,8 @@ import torch
 
 pytest.importorskip("nvidia.dali")
 
-from pipelines import build_loader, dali_source  # noqa: E402
+from pipelines import build_loader  # noqa: E402
+from pipelines.loaders import dali_source  # noqa: E402
 from pipelines.contract import (IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_OPS, RandAugment, Ramp,  # noqa: E402
                                 check_batch)
 from pipelines.formats.manifest import dali_shards, load_manifest  # noqa: E402
@@ -123,14 +124,14 @@ def test_host_draws_follow_timm(converted):
 
 
 def test_webdataset_draws_follow_timm():
-    """The webdataset reader's in-graph draws (dali_pipeline._random_draws) have the host's distribution."""
+    """The webdataset reader's in-graph draws (dali_graph._random_draws) have the host's distribution."""
     from nvidia.dali import pipeline_def
 
-    from pipelines import dali_pipeline
+    from pipelines.loaders import dali_graph
 
     @pipeline_def(batch_size=1000, num_threads=1, device_id=None, seed=3)
     def draws():
-        return tuple(node for layer in dali_pipeline._random_draws(DEIT) for node in layer)
+        return tuple(node for layer in dali_graph._random_draws(DEIT) for node in layer)
     pipe = draws()
     pipe.build()
     outs = [np.asarray(out.as_array()) for out in pipe.run()]  # layer 0's (operation, bin, sign), layer 1's

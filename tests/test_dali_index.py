@@ -1,4 +1,4 @@
-"""The dali loader's index reader (dali_source.py, the indexed_* graphs): torchvision's crop semantics drawn on
+"""The dali loader's index reader (loaders/dali_source.py, the indexed_* graphs): torchvision's crop semantics drawn on
 the host, the graph cutting exactly the host's windows, one pipeline across epochs, and seeking."""
 import io
 from types import SimpleNamespace
@@ -10,7 +10,8 @@ from PIL import Image
 
 pytest.importorskip("nvidia.dali")
 
-from pipelines import build_loader, dali_source  # noqa: E402
+from pipelines import build_loader  # noqa: E402
+from pipelines.loaders import dali_source  # noqa: E402
 from pipelines.contract import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from pipelines.formats.manifest import dali_shards, load_manifest  # noqa: E402
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.formats.images import BadImage, prepare_image
+from pipelines.convert.images import BadImage, prepare_image
 
 
 def picture(w=120, h=90) -> Image.Image:

@@ -133,7 +133,7 @@ def ramp_run(converted):
             vars(loader).pop("start" if kind == "ffcv" else "restart")
             if kind == "ffcv":
                 if loader.ahead is not None:  # the next epoch, decoded ahead: stop its thread
-                    from pipelines.ffcv_loader import stop
+                    from pipelines.loaders.ffcv import stop
                     stop(loader.ahead[1])
                     loader.ahead = None
                 run.loader = loader
@@ -235,7 +235,7 @@ def test_ffcv_rand_augment_runs_per_batch_on_the_uint8_batch(converted, ramp_run
     one compiles for ~15 s), under an FfcvLoader built as `build` builds it with rand_augment (checked)."""
     needs_rand_augment()
     from pipelines import rand_augment as module
-    from pipelines.ffcv_loader import FfcvLoader
+    from pipelines.loaders.ffcv import FfcvLoader
     built = build(converted[0], "ffcv", ramp=RAMP, rand_augment=RandAugment())  # not iterated: not compiled
     assert (built.rand_augment, built.seed, built.rank, built.ramp) == (RandAugment(), 3, 0, RAMP)
     compiled = ramp_run("ffcv").loader

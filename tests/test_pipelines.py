@@ -21,7 +21,7 @@ import torch
 from pipelines import build_loader
 from pipelines.contract import IMAGENET_MEAN, IMAGENET_STD, LoaderUnavailable, check_batch, normalize, rank_indices
 from pipelines.formats.manifest import DatasetError
-from pipelines.torchvision_ref import transforms
+from pipelines.loaders.torchvision import transforms
 from test_convert import shard_samples
 
 # numba's Dispatcher finalizer raises KeyError when FFCV's compiled pipelines are garbage-collected
@@ -353,7 +353,7 @@ def test_missing_split_or_dataset_is_a_clear_error(converted, tmp_path, kind):
 def one_format(clean_tree, tmp_path_factory):
     """format -> a dataset converted with only that format."""
     from conftest import quiet
-    from pipelines.formats.convert import ConvertSettings, convert
+    from pipelines.convert.job import ConvertSettings, convert
     cache = {}
 
     def get(fmt):

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import ROOT, quiet
-from pipelines.formats.convert import ConvertSettings, convert
+from pipelines.convert.job import ConvertSettings, convert
 from test_convert import shard_samples
 
 CONVERT = [sys.executable, str(ROOT / "tools/convert_imagenet.py")]

@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import ROOT
-from tools.make_sample_imagenet import image_size, imagenet_wnids, make_sample
+from pipelines.convert.sample import image_size, imagenet_wnids, make_sample
 
 # libjpeg's standard luminance table: a quality-q table is this scaled by (200 - 2q)/100 for q >= 50.
 STD_LUMA = np.array([16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55, 14, 13, 16, 24, 40, 57, 69,

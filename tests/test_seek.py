@@ -128,10 +128,10 @@ def test_start_batch_outside_the_epoch_is_an_error(converted, reads, kind):
 
 def test_torchvision_reads_no_sample_before_the_seek(converted, monkeypatch):
     """In-process (workers=0) the dataset's reads can be counted: exactly the samples of batches SEEK_TO on."""
-    from pipelines import torchvision_ref
+    from pipelines.loaders import torchvision as torchvision_loader
     wanted = []
-    read_sample = torchvision_ref.ShardDataset.__getitem__
-    monkeypatch.setattr(torchvision_ref.ShardDataset, "__getitem__",
+    read_sample = torchvision_loader.ShardDataset.__getitem__
+    monkeypatch.setattr(torchvision_loader.ShardDataset, "__getitem__",
                         lambda self, item: (wanted.append(item), read_sample(self, item))[1])
     loader = build(converted[0], Kind("torchvision"), workers=0)
     loader.set_epoch(1, SEEK_TO)
@@ -175,7 +175,7 @@ def test_ffcv_quasi_random_order_seeks_and_depends_only_on_the_epoch():
     """FFCV's QuasiRandom shuffles its page table in place (an epoch's order would depend on the epochs drawn
     before it); QuasiRandomOrder starts each epoch from the table as built, and SeekableOrder slices it."""
     pytest.importorskip("ffcv")
-    from pipelines.ffcv_loader import QuasiRandomOrder, SeekableOrder
+    from pipelines.loaders.ffcv import QuasiRandomOrder, SeekableOrder
     loader = FakeLoader()
     order = SeekableOrder(QuasiRandomOrder, batch_size=8, train=True)(loader)
     fresh = order.sample_order(1)
@@ -188,10 +188,10 @@ def test_ffcv_quasi_random_order_seeks_and_depends_only_on_the_epoch():
 def test_torchvision_goes_on_with_its_stream_into_the_next_epoch(converted, monkeypatch):
     """set_epoch(e + 1) after epoch e continues the batch stream, which the workers prefetch across the epoch's
     end; anything else (the same epoch again, a seek) restarts it at the asked batch."""
-    from pipelines import torchvision_ref
+    from pipelines.loaders import torchvision as torchvision_loader
     restarts = []
-    restart = torchvision_ref.TorchvisionLoader.restart
-    monkeypatch.setattr(torchvision_ref.TorchvisionLoader, "restart",
+    restart = torchvision_loader.TorchvisionLoader.restart
+    monkeypatch.setattr(torchvision_loader.TorchvisionLoader, "restart",
                         lambda self: (restarts.append((self.epoch, self.start_batch)), restart(self))[1])
     loader = build(converted[0], Kind("torchvision"), workers=0)
     for epoch, start_batch in [(0, 0), (1, 0), (1, 0), (2, 0), (2, SEEK_TO), (3, 0)]:

@@ -5,9 +5,9 @@ import pytest
 
 from conftest import quiet
 from layouts import make_kaggle, make_official
-from pipelines.formats.convert import ConvertSettings, convert
-from pipelines.formats.sources import SourceError, detect_and_scan
-from tools.make_sample_imagenet import imagenet_wnids
+from pipelines.convert.job import ConvertSettings, convert
+from pipelines.convert.sources import SourceError, detect_and_scan
+from pipelines.convert.sample import imagenet_wnids
 
 DALI_ONLY = ConvertSettings(formats=("dali",), shard_size=16)
 

@@ -2,8 +2,8 @@ from collections import Counter
 
 import pytest
 
-from pipelines.formats.sources import SourceFile
-from pipelines.formats.split import class_index, holdout_count, plan_splits
+from pipelines.convert.sources import SourceFile
+from pipelines.convert.split import class_index, holdout_count, plan_splits
 
 
 def files(counts: dict[str, int]) -> list[SourceFile]:

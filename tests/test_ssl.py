@@ -21,8 +21,8 @@ import torch.multiprocessing as mp
 
 from conftest import ROOT, quiet
 from pipelines import build_loader
-from pipelines.formats.convert import ConvertSettings, convert
-from tools.make_sample_imagenet import make_sample
+from pipelines.convert.job import ConvertSettings, convert
+from pipelines.convert.sample import make_sample
 from training import checkpoint, knn
 from training.config import config_from_dict, load_config
 from training.objectives import backbone_of, build_network, build_objective, info_nce, rotate

@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent("""
     import torch
     from rich.console import Console
     from pipelines import build_loader
-    from pipelines.formats.convert import ConvertSettings, convert
+    from pipelines.convert.job import ConvertSettings, convert
 
     data, tree, out = (Path(arg) for arg in sys.argv[1:4])
 

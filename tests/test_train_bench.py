@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import record, train_step
-from pipelines.synthetic import SyntheticLoader
+from pipelines.loaders.synthetic import SyntheticLoader
 from training import optim
 from training.config import OptimConfig, load_config
 from training.objectives import build_network, build_objective

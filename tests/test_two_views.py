@@ -62,7 +62,7 @@ def two_view_run(converted):
             if kind == "ffcv":
                 # FFCV's part does not depend on the dtype (contract.normalize casts in torch afterwards): reuse
                 # the float32 loader's compiled FFCV Loader (~30 s to compile two views) under the other dtype.
-                from pipelines.ffcv_loader import FfcvLoader
+                from pipelines.loaders.ffcv import FfcvLoader
                 first = cache[kind, torch.float32][0]
                 cache[kind, dtype] = run(FfcvLoader(first.loader, dtype=dtype, where=first.where,
                                                     augment=first.augment))

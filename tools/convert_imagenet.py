@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.console import Console  # noqa: E402
 
-from pipelines.formats.convert import ConvertError, ConvertSettings, convert  # noqa: E402
-from pipelines.formats.sources import SourceError  # noqa: E402
+from pipelines.convert.job import ConvertError, ConvertSettings, convert  # noqa: E402
+from pipelines.convert.sources import SourceError  # noqa: E402
 
 DEFAULTS = ConvertSettings()
 

@@ -1,1 +1,1 @@
-"""Reading ImageNet sources and writing, reading and checking the converted formats (.beton, webdataset)."""
+"""The on-disk formats the converter writes and the loaders read: where things live (layout.py), the manifest,\ncrash-safe files, webdataset shards and their index, the FFCV .beton, and the check of an output (verify.py)."""

@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .contract import (CROP_RATIO, CROP_SCALE, RAND_AUGMENT_MAX, RAND_AUGMENT_OPS, RAND_AUGMENT_P, SSL_BLUR_P,
+from ..contract import (CROP_RATIO, CROP_SCALE, RAND_AUGMENT_MAX, RAND_AUGMENT_OPS, RAND_AUGMENT_P, SSL_BLUR_P,
                        SSL_BLUR_SIGMA, SSL_BRIGHTNESS, SSL_CONTRAST, SSL_FLIP_P, SSL_GRAY_P, SSL_HUE, SSL_JITTER_P,
                        SSL_SATURATION, RandAugment, Ramp, rank_indices)
-from .formats.files import pread_exact
-from .formats.manifest import RECONVERT, DatasetError
-from .formats.webdataset import ShardReader
+from ..formats.files import pread_exact
+from ..formats.manifest import RECONVERT, DatasetError
+from ..formats.webdataset import ShardReader
 
 CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop: draws before it falls back to a center crop
 

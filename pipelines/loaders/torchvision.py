@@ -26,13 +26,13 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from . import processes
-from .contract import (CROP_RATIO, CROP_SCALE, SSL_BLUR_P, SSL_BLUR_SIGMA, SSL_BRIGHTNESS, SSL_CONTRAST,
+from .. import processes
+from ..contract import (CROP_RATIO, CROP_SCALE, SSL_BLUR_P, SSL_BLUR_SIGMA, SSL_BRIGHTNESS, SSL_CONTRAST,
                        SSL_FLIP_P, SSL_GRAY_P, SSL_HUE, SSL_JITTER_P, SSL_SATURATION, NoOptions, RandAugment, Ramp,
                        batches_per_epoch, blur_kernel_size, check_start_batch, default_workers, eval_resize, normalize,
                        parse_options, rank_indices)
-from .formats.manifest import RECONVERT, DatasetError, check_files, dali_shards, load_manifest
-from .formats.webdataset import ShardReader
+from ..formats.manifest import RECONVERT, DatasetError, check_files, dali_shards, load_manifest
+from ..formats.webdataset import ShardReader
 
 # What the workers import to unpickle the dataset and run it: loaded once in the forkserver (processes.py).
 TORCHVISION_PRELOAD = ["torch", "torchvision.transforms.v2", "PIL.Image", __name__]
@@ -124,7 +124,7 @@ class TorchvisionLoader:
         self.batches, self.device, self.dtype = batches, device, dtype
         self.seed, self.rank, self.rand_augment = seed, rank, rand_augment
         if rand_augment is not None:
-            from . import rand_augment as device_rand_augment  # only then: a run without it needs no such module
+            from .. import rand_augment as device_rand_augment  # only then: a run without it needs no such module
             self.device_rand_augment = device_rand_augment
         self.epoch, self.start_batch = 0, 0
         self.stream, self.next_position = None, None  # the stream and the (epoch, batch) it yields next

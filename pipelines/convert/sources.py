@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .files import pread_exact
+from ..formats.files import pread_exact
 from .imagenet_names import imagenet_1k
 
 # A location is a small tuple so that it pickles cheaply to worker processes:

@@ -30,15 +30,15 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from .. import processes
-from .beton import write_beton
-from .files import atomic_write_bytes, remove_tmp_files, sha256_file
+from ..formats.beton import write_beton
+from ..formats.files import atomic_write_bytes, remove_tmp_files, sha256_file
 from .images import BadImage, prepare_image
-from .layout import (FORMAT_VERSION, FORMATS, MANIFEST, REJECTED, WORK, beton_path, dali_split_dir,
+from ..formats.layout import (FORMAT_VERSION, FORMATS, MANIFEST, REJECTED, WORK, beton_path, dali_split_dir,
                      index_name, records_dir, sample_key, shard_name, staging_split_dir)
-from .manifest import dumps
+from ..formats.manifest import dumps
 from .sources import ScannedSource, detect_and_scan, read_bytes
 from .split import PlannedSample, plan_splits
-from .webdataset import ShardWriter
+from ..formats.webdataset import ShardWriter
 
 
 class ConvertError(Exception):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .contract import NoOptions, Ramp, batches_per_epoch, check_start_batch, parse_options, rank_indices, train_size
-from .formats.manifest import load_manifest, split_info
+from ..contract import NoOptions, Ramp, batches_per_epoch, check_start_batch, parse_options, rank_indices, train_size
+from ..formats.manifest import load_manifest, split_info
 
 
 class SyntheticLoader:

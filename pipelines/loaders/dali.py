@@ -1,4 +1,4 @@
-"""The `dali` loader: the pipelines of dali_pipeline.py behind the loader contract.
+"""The `dali` loader: the pipelines of loaders/dali_graph.py behind the loader contract.
 
 DALI returns HWC batches; `permute(0, 3, 1, 2)` turns them into NCHW tensors that are channels_last with no
 copy. For bf16 DALI emits fp16 (half the bytes of fp32; DALI has no bf16) and torch converts it on the GPU.
@@ -16,7 +16,7 @@ boundary, so an epoch would depend on the ones before it. That reader cannot see
 reading the batches before it. Eval reads shards that stick to their rank and pads the last batch; the
 iterator drops the padding; one pipeline serves every evaluation.
 
-Train, views=1: `rand_augment` adds RandAugment to the graph (dali_pipeline._rand_augment), built with DALI's
+Train, views=1: `rand_augment` adds RandAugment to the graph (dali_graph._rand_augment), built with DALI's
 conditionals, which only these graphs turn on; `ramp` sets epoch e's side to ramp.size(e): through the index
 reader's source, per sample, on the running pipeline (no rebuild at an epoch start: DALIGenericIterator takes the
 new shape as it comes); for the webdataset reader, in the epoch's fresh pipeline. Eval reads image_size.
@@ -31,9 +31,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .contract import (RandAugment, Ramp, batches_per_epoch, check_start_batch, default_workers, parse_options,
+from ..contract import (RandAugment, Ramp, batches_per_epoch, check_start_batch, default_workers, parse_options,
                        rank_indices, require, train_size)
-from .formats.manifest import RECONVERT, DatasetError, check_files, dali_shards, load_manifest, split_info
+from ..formats.manifest import RECONVERT, DatasetError, check_files, dali_shards, load_manifest, split_info
 
 # ImageNet's largest JPEG is about 6,000 px on a side; DALI's ResNet-50 example pre-sizes for 5,980 x 6,430.
 FULL_SIZE_SIDE = 6430
@@ -72,7 +72,7 @@ class DaliLoader:
         from nvidia.dali.plugin.base_iterator import LastBatchPolicy
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        from .dali_pipeline import READER
+        from .dali_graph import READER
         self._iterator = None  # frees the previous pipeline's buffers first
         with dali_errors(self.where):
             if self.seekable:  # an endless source: the iterator never ends an epoch, this wrapper counts
@@ -147,7 +147,7 @@ def dali_reason(message: str) -> str:
 def parse(options: dict | None):
     """The DaliOptions of `options`; ValueError for an unknown or ill-typed one, LoaderUnavailable without DALI."""
     require("nvidia.dali", "dali", "dali")
-    from . import dali_pipeline as graphs
+    from . import dali_graph as graphs
     opts = parse_options(graphs.DaliOptions, "dali", options)
     if opts.reader not in READERS:
         raise ValueError(f"option 'reader' of the 'dali' loader must be one of {', '.join(READERS)}, got {opts.reader!r}")
@@ -158,7 +158,7 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
           dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None,
           options: dict | None = None, views: int = 1, rand_augment: RandAugment | None = None,
           ramp: Ramp | None = None) -> DaliLoader:
-    from . import dali_pipeline as graphs
+    from . import dali_graph as graphs
     opts = parse(options)
     if (rand_augment is not None or ramp is not None) and (views != 1 or not train):
         raise ValueError("the dali loader applies rand_augment and ramp to train loaders with views=1")
@@ -200,7 +200,7 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
 def _indexed(shards, samples: int, *, train: bool, views: int, rank: int, world_size: int, seed: int,
              dtype: torch.dtype, where: str, common: dict, rand_augment: RandAugment | None,
              ramp: Ramp | None) -> DaliLoader:
-    from . import dali_pipeline as graphs
+    from . import dali_graph as graphs
     from .dali_source import IndexedSource, Plan
     per_rank = len(rank_indices(samples, rank=rank, world_size=world_size, train=train, seed=seed, epoch=0))
     batches = batches_per_epoch(per_rank, common["batch_size"], train)

@@ -1,4 +1,4 @@
-"""DALI pipeline definitions (the graph), kept apart from the PyTorch wrapper in dali_loader.py, as DALI's
+"""DALI pipeline definitions (the graph), kept apart from the PyTorch wrapper in loaders/dali.py, as DALI's
 EfficientNet example does.
 
 Two ways in (DaliOptions.reader):
@@ -8,7 +8,7 @@ Two ways in (DaliOptions.reader):
   The graph has no random operator, so a batch depends only on its position: the loader can seek and run on
   across epochs (`indexed_*` definitions).
 - "webdataset": DALI's webdataset reader, sequential reads with a shuffle buffer, for storage where random
-  access is slow; every random operator draws from the pipeline's seed (dali_loader: seed, epoch).
+  access is slow; every random operator draws from the pipeline's seed (loaders/dali.py: seed, epoch).
 
 The same definition runs on the GPU (decode on `mixed`: nvJPEG plus the H100's hardware JPEG decoder; resize,
 flip and normalize on `gpu`) and, with `device_id=None`, on CPU operators, so the tests run the real graph.
@@ -25,7 +25,7 @@ the operation is picked by DALI's conditional split (auto_aug.core.select: `if` 
 operator runs only on the samples that picked it) among the 15 and the identity, which stands for timm's
 "not applied" (p 0.5). The draws come from the host for the index reader (dali_source.rand_augment_draws, part of
 the batch's position) and from DALI's random operators, seeded by the pipeline, for webdataset (`_random_draws`).
-The graphs are built with conditionals only when RandAugment is on (dali_loader passes enable_conditionals), so
+The graphs are built with conditionals only when RandAugment is on (loaders/dali.py passes enable_conditionals), so
 the graphs without it are the operators they were.
 
 Progressive resolution (a Ramp): the index reader's source hands the epoch's side per sample ("size", fn.resize's
@@ -45,7 +45,7 @@ from nvidia.dali.auto_aug import augmentations as aug
 from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
 from nvidia.dali.pipeline import do_not_convert
 
-from .contract import (CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_FILL, RAND_AUGMENT_MAX,
+from ..contract import (CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_FILL, RAND_AUGMENT_MAX,
                        RAND_AUGMENT_OPS, RAND_AUGMENT_P, SSL_BLUR_P, SSL_BLUR_SIGMA, SSL_BRIGHTNESS, SSL_CONTRAST,
                        SSL_FLIP_P, SSL_GRAY_P, SSL_HUE, SSL_JITTER_P, SSL_SATURATION, RandAugment, blur_kernel_size,
                        eval_resize)
@@ -245,7 +245,7 @@ def _random_draws(spec: RandAugment) -> list:
     return draws
 
 
-@pipeline_def(enable_conditionals=False)  # dali_loader turns conditionals on with RandAugment
+@pipeline_def(enable_conditionals=False)  # loaders/dali.py turns conditionals on with RandAugment
 def train_pipeline(shards, *, image_size: int, gpu: bool, half: bool, shard_id: int, num_shards: int,
                    options: DaliOptions, preallocate_side: int, rand_augment: RandAugment | None = None):
     """Random-resized-crop fused into the decode (only the crop's pixels are decoded), resize, RandAugment (when
@@ -323,7 +323,7 @@ def _external(source):
     return dict(zip(source.outputs, nodes))
 
 
-@pipeline_def(enable_conditionals=False)  # dali_loader turns conditionals on with RandAugment
+@pipeline_def(enable_conditionals=False)  # loaders/dali.py turns conditionals on with RandAugment
 def indexed_train_pipeline(source, *, image_size: int, gpu: bool, half: bool, options: DaliOptions,
                            preallocate_side: int, rand_augment: RandAugment | None = None):
     """The host's crop window decoded alone (ROI decode: only the crop's pixels), resized (to the host's side

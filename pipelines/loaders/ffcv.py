@@ -46,10 +46,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .contract import (CROP_RATIO, CROP_SCALE, EVAL_CROP_FRACTION, RandAugment, Ramp, batches_per_epoch,
+from ..contract import (CROP_RATIO, CROP_SCALE, EVAL_CROP_FRACTION, RandAugment, Ramp, batches_per_epoch,
                        check_start_batch, default_workers, normalize, parse_options, rank_indices, require,
                        train_size)
-from .formats.manifest import RECONVERT, DatasetError, beton_file, check_files, load_manifest, split_info
+from ..formats.manifest import RECONVERT, DatasetError, beton_file, check_files, load_manifest, split_info
 
 
 @dataclass(frozen=True)
@@ -142,7 +142,7 @@ class FfcvLoader:
         self.crops, self.image_size, self.ramp = crops, image_size, ramp
         self.rand_augment, self.seed, self.rank = rand_augment, seed, rank
         if rand_augment is not None:
-            from . import rand_augment as device_rand_augment  # only then: a run without it needs no such module
+            from .. import rand_augment as device_rand_augment  # only then: a run without it needs no such module
             self.device_rand_augment = device_rand_augment
         self.epoch, self.start_batch = 0, 0
         self.ahead = None  # (epoch, EpochIterator) of the next epoch, started before this one ended
@@ -296,7 +296,7 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
     augment = None
     if views == 2:
         pipelines["second_view"] = PipelineSpec("image", transforms=image_pipeline())
-        from .device_augment import ColourAugment
+        from ..device_augment import ColourAugment
         augment = ColourAugment(image_size).to(device)
 
     quasi_random = opts.order == "quasi_random" and train
