@@ -24,7 +24,7 @@ from benchmarks.record import summarize, write_record
 from pipelines.convert.job import ConvertSettings, convert
 from pipelines.convert.sample import make_sample
 
-GOAL_PER_CORE = 150  # images/s per core at the default settings, the converter issue's goal
+GOAL_PER_CORE = 150  # images/s per core at the default settings: the converter's speed goal
 
 
 def run(sample: Path, workers: int, scratch: Path) -> dict:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# This 2-core CPU, every real loader, the same stored images
+# A 2-core CPU, every real loader, the same stored images
 CPU_RATIO = 2.5  # dali and ffcv against torchvision
 CPU_EPOCH_START = 2.0  # an epoch boundary costs at most 2 in-epoch batch intervals
 CPU_RESUME = 2.0  # the first batch after set_epoch(e, 90 % of the epoch) takes at most 2x the one at batch 0

@@ -2,14 +2,14 @@
 # The GPU check, in one command of at most 9 minutes on one H100 or H200 with 16 cores, data generation,
 # compiles and warm-ups included:
 #   bash benchmarks/gpu_check.sh [--dry-run] [RESULTS_DIR]      (default RESULTS_DIR: $OUT, else /tmp/gpu_check)
-# Run it with DALI, FFCV and kornia installed (pip install -e '.[dali,ffcv]'); a loader whose library does not
-# import is skipped, with the reason, and the others are still measured.
+# On your GPU server: `pip install -e '.[dali,ffcv]'` (with FFCV's apt packages, as the Makefile installs them),
+# then run it from the repository. A loader whose library does not import is skipped, with the reason, and the
+# others are still measured.
 #
 # Each part runs under its own time limit, in this order; the limits of the required parts add up to the
-# 9-minute budget (540 s: 480 s before RandAugment and the resolution ramp were added, 60 s for them, nothing
-# cut), and a part never runs past what is left of it (one that would start after it is
-# reported as not run, and the check fails). The limits are estimates (the per-part times of an H100 run of
-# an earlier, smaller version of this check, scaled): steps.log records each part's time to re-budget from.
+# 9-minute budget (540 s), and a part never runs past what is left of it (one that would start after it is
+# reported as not run, and the check fails). The limits are estimates, scaled from the per-part times of an H100
+# run of the check's first parts: steps.log records each part's time to re-budget from.
 #   data      100 s  the gpu suite's 14,500 full-size ImageNet-like JPEGs (3,000 generated, the rest linked to
 #                    them), converted full size and at 512 px
 #   train     130 s  `benchmarks.run --suite gpu --only train`: ViT-B/16 bf16 compiled (default mode), batch 64,
