@@ -1,5 +1,5 @@
-"""The colour half of the SimCLR view augmentation (contract.SSL_*), run in torch on whichever device holds the
-batch: colour jitter (p = 0.8), grayscale (p = 0.2), Gaussian blur (p = 0.5), each drawn per image.
+"""The colour half of the SimCLR view augmentation (contract.TWO_VIEWS), run in torch on whichever device holds
+the batch: colour jitter (p = 0.8), grayscale (p = 0.2), Gaussian blur (p = 0.5), each drawn per image.
 
 Used by the ffcv loader with views=2. FFCV's numba stages do the geometry while decoding (random-resized-crop
 and flip on the CPU, where libjpeg-turbo decodes at a reduced scale when the crop allows); FFCV has no colour
@@ -27,8 +27,7 @@ import math
 import torch
 from torch import nn
 
-from .contract import (SSL_BLUR_P, SSL_BLUR_SIGMA, SSL_BRIGHTNESS, SSL_CONTRAST, SSL_GRAY_P, SSL_HUE, SSL_JITTER_P,
-                       SSL_SATURATION, blur_kernel_size)
+from .contract import TWO_VIEWS, blur_kernel_size
 
 # Rows of the per-image uniform draws (one torch.rand(DRAWS, B) per call).
 JITTER_GATE, BRIGHTNESS, CONTRAST, SATURATION, HUE, GRAY_GATE, BLUR_GATE, SIGMA = range(8)
@@ -45,11 +44,11 @@ def jitter_steps():
         return low + (1 + strength - low) * u
 
     return (
-        (BRIGHTNESS, lambda x, u: adjust_brightness_accumulative(x, spread(u, SSL_BRIGHTNESS))),
-        (CONTRAST, lambda x, u: adjust_contrast_with_mean_subtraction(x, spread(u, SSL_CONTRAST))),
-        (SATURATION, lambda x, u: adjust_saturation_with_gray_subtraction(x, spread(u, SSL_SATURATION))),
+        (BRIGHTNESS, lambda x, u: adjust_brightness_accumulative(x, spread(u, TWO_VIEWS.brightness))),
+        (CONTRAST, lambda x, u: adjust_contrast_with_mean_subtraction(x, spread(u, TWO_VIEWS.contrast))),
+        (SATURATION, lambda x, u: adjust_saturation_with_gray_subtraction(x, spread(u, TWO_VIEWS.saturation))),
         # torchvision's hue factor is in turns of the hue circle, kornia's in radians
-        (HUE, lambda x, u: adjust_hue(x, (2 * u - 1) * SSL_HUE * 2 * math.pi)),
+        (HUE, lambda x, u: adjust_hue(x, (2 * u - 1) * TWO_VIEWS.hue * 2 * math.pi)),
     )
 
 
@@ -62,8 +61,8 @@ class ColourAugment(nn.Module):
     """float B x 3 x H x W in [0, 1] -> the same, colour-augmented per image, channels_last. The probabilities
     are arguments so that a test can switch each operation on or off."""
 
-    def __init__(self, image_size: int, *, jitter_p: float = SSL_JITTER_P, gray_p: float = SSL_GRAY_P,
-                 blur_p: float = SSL_BLUR_P):
+    def __init__(self, image_size: int, *, jitter_p: float = TWO_VIEWS.jitter_p, gray_p: float = TWO_VIEWS.gray_p,
+                 blur_p: float = TWO_VIEWS.blur_p):
         super().__init__()
         self.jitter_p, self.gray_p, self.blur_p = jitter_p, gray_p, blur_p
         self.kernel_size = blur_kernel_size(image_size)
@@ -92,7 +91,7 @@ class ColourAugment(nn.Module):
             gray = rgb_to_grayscale(out).expand_as(out)
             out = self.gated(draws[GRAY_GATE], self.gray_p, gray, out)
         if self.blur_p > 0:
-            low, high = SSL_BLUR_SIGMA
+            low, high = TWO_VIEWS.blur_sigma
             sigma = (low + (high - low) * draws[SIGMA]).view(-1, 1)
             kernel = get_gaussian_kernel1d(self.kernel_size, sigma)  # B x size: one kernel per image
             blurred = filter2d_separable(out, kernel, kernel, border_type="reflect")

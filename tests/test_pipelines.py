@@ -8,6 +8,7 @@ process), so every loader whose output several tests check is built and read onc
 import gc
 import hashlib
 import io
+import itertools
 import re
 import sys
 from collections import Counter
@@ -19,7 +20,8 @@ import pytest
 import torch
 
 from pipelines import build_loader
-from pipelines.contract import IMAGENET_MEAN, IMAGENET_STD, LoaderUnavailable, check_batch, normalize, rank_indices
+from pipelines.contract import (IMAGENET_MEAN, IMAGENET_STD, LoaderUnavailable, check_batch, normalize, rank_indices,
+                                rank_samples)
 from pipelines.formats.manifest import DatasetError
 from pipelines.loaders.torchvision import transforms
 from test_convert import shard_samples
@@ -225,6 +227,14 @@ def test_eval_across_ranks_reads_each_sample_once(converted, eval_epoch, kind, s
     assert sum((epoch.fingerprints for epoch in ranks), Counter()) == whole.fingerprints
     assert sum(whole.fingerprints.values()) == n
     assert Counter(sum((epoch.labels for epoch in ranks), [])) == Counter(whole.labels)
+
+
+def test_a_ranks_share_is_counted_without_its_permutation():
+    """The loaders size an epoch with rank_samples, which must count what rank_indices gives."""
+    for n, world_size, train in itertools.product(range(12), (1, 2, 3, 5), (True, False)):
+        for rank in range(world_size):
+            assert rank_samples(n, rank=rank, world_size=world_size, train=train) == len(
+                rank_indices(n, rank=rank, world_size=world_size, train=train, seed=0, epoch=0))
 
 
 @pytest.mark.parametrize("kind", KINDS)

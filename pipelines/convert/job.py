@@ -462,7 +462,8 @@ def _convert(ctx: Context, src: Path, overwrite: bool) -> dict:
     records = {}
     clock["scanned"] = time.perf_counter()
     # fork only while this process runs one thread; else a forkserver (a process that called DALI, FFCV or
-    # torch first: their threads' locks would be copied held into forked children). processes.py has the costs.
+    # torch first: their threads' locks would be copied held into forked children). pipelines/processes.py has
+    # the costs.
     ctx.pool = processes.context([__name__]).Pool(ctx.workers, initializer=_ignore_sigint)
     try:
         with make_progress(console) as ctx.progress:

@@ -31,9 +31,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..contract import (RandAugment, Ramp, batches_per_epoch, check_start_batch, default_workers, parse_options,
-                       rank_indices, require, train_size)
-from ..formats.manifest import RECONVERT, DatasetError, check_files, dali_shards, load_manifest, split_info
+from ..contract import RandAugment, Ramp, batches_per_epoch, check_start_batch, parse_options, require, train_size
+from ..formats.manifest import RECONVERT, DatasetError
+from .prelude import SHARDS, Prelude, prelude
 
 # ImageNet's largest JPEG is about 6,000 px on a side; DALI's ResNet-50 example pre-sizes for 5,980 x 6,430.
 FULL_SIZE_SIDE = 6430
@@ -159,28 +159,26 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
           options: dict | None = None, views: int = 1, rand_augment: RandAugment | None = None,
           ramp: Ramp | None = None) -> DaliLoader:
     from . import dali_graph as graphs
-    opts = parse(options)
     if (rand_augment is not None or ramp is not None) and (views != 1 or not train):
         raise ValueError("the dali loader applies rand_augment and ramp to train loaders with views=1")
+    p = prelude(data, split, parse=parse, options=options, reads=SHARDS, batch_size=batch_size, train=train,
+                rank=rank, world_size=world_size, workers=workers)
+    opts, shards, samples = p.options, list(p.shards), p.samples
     # the train graph's extra arguments; conditionals (the `if`s of RandAugment's split) only where it runs
     augment = {"rand_augment": rand_augment, "enable_conditionals": True} if rand_augment is not None else {}
-    manifest = load_manifest(data)
-    shards = dali_shards(data, manifest, split)
-    check_files(data, manifest, [path for pair in shards for path in pair])
-    samples = split_info(data, manifest, split)["samples"]
     if samples < world_size:
         raise DatasetError(f"{data}: split '{split}' has {samples} samples, fewer than {world_size} ranks")
     gpu = device.type == "cuda"
     device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
-    max_side = manifest["settings"]["max_resolution"]
+    max_side = p.manifest["settings"]["max_resolution"]
     common = dict(image_size=image_size, gpu=gpu, half=dtype in (torch.float16, torch.bfloat16), options=opts,
                   preallocate_side=opts.preallocate_side or (max_side if max_side else FULL_SIZE_SIDE),
-                  batch_size=batch_size, num_threads=default_workers(world_size) if workers is None else max(1, workers),
+                  batch_size=batch_size, num_threads=max(1, p.workers),
                   device_id=device_id, prefetch_queue_depth=opts.prefetch_queue_depth)  # workers 0: DALI needs a thread
     where = f"split '{split}' of {data} ({len(shards)} shards in {shards[0][0].parent})"
     if opts.reader == "index":
-        return _indexed(shards, samples, train=train, views=views, rank=rank, world_size=world_size, seed=seed,
-                        dtype=dtype, where=where, common=common | augment, rand_augment=rand_augment, ramp=ramp)
+        return _indexed(p, train=train, views=views, rank=rank, world_size=world_size, seed=seed, dtype=dtype,
+                        where=where, common=common | augment, rand_augment=rand_augment, ramp=ramp)
     definition = graphs.two_view_pipeline if views == 2 else graphs.train_pipeline if train else graphs.eval_pipeline
     pipeline_shards = [(str(t), str(i)) for t, i in shards]
 
@@ -197,17 +195,15 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
                       dtype=dtype, where=where, views=views, seekable=False)
 
 
-def _indexed(shards, samples: int, *, train: bool, views: int, rank: int, world_size: int, seed: int,
-             dtype: torch.dtype, where: str, common: dict, rand_augment: RandAugment | None,
-             ramp: Ramp | None) -> DaliLoader:
+def _indexed(p: Prelude, *, train: bool, views: int, rank: int, world_size: int, seed: int, dtype: torch.dtype,
+             where: str, common: dict, rand_augment: RandAugment | None, ramp: Ramp | None) -> DaliLoader:
     from . import dali_graph as graphs
     from .dali_source import IndexedSource, Plan
-    per_rank = len(rank_indices(samples, rank=rank, world_size=world_size, train=train, seed=seed, epoch=0))
-    batches = batches_per_epoch(per_rank, common["batch_size"], train)
+    # the contract's share of the split (contract.rank_indices), read by index
+    plan = Plan(samples=p.samples, batch_size=common["batch_size"], batches=p.batches, train=train, seed=seed,
+                rank=rank, world_size=world_size)
     try:
-        source = IndexedSource(shards, Plan(samples=samples, batch_size=common["batch_size"], batches=batches,
-                                            train=train, seed=seed, rank=rank, world_size=world_size), views=views,
-                               rand_augment=rand_augment, ramp=ramp)
+        source = IndexedSource(list(p.shards), plan, views=views, rand_augment=rand_augment, ramp=ramp)
     except (ValueError, KeyError) as e:  # an index that does not parse
         raise DatasetError(f"{where}: {e}; {RECONVERT}") from None
     definition = graphs.indexed_two_view_pipeline if views == 2 else \
@@ -219,4 +215,4 @@ def _indexed(shards, samples: int, *, train: bool, views: int, rank: int, world_
         pipeline.build()
         return pipeline
 
-    return DaliLoader(make_pipeline, batches=batches, train=train, dtype=dtype, where=where, views=views)
+    return DaliLoader(make_pipeline, batches=p.batches, train=train, dtype=dtype, where=where, views=views)

@@ -46,9 +46,7 @@ from nvidia.dali.auto_aug.core import augmentation, select, signed_bin
 from nvidia.dali.pipeline import do_not_convert
 
 from ..contract import (CROP_RATIO, CROP_SCALE, IMAGENET_MEAN, IMAGENET_STD, RAND_AUGMENT_FILL, RAND_AUGMENT_MAX,
-                       RAND_AUGMENT_OPS, RAND_AUGMENT_P, SSL_BLUR_P, SSL_BLUR_SIGMA, SSL_BRIGHTNESS, SSL_CONTRAST,
-                       SSL_FLIP_P, SSL_GRAY_P, SSL_HUE, SSL_JITTER_P, SSL_SATURATION, RandAugment, blur_kernel_size,
-                       eval_resize)
+                       RAND_AUGMENT_OPS, RAND_AUGMENT_P, TWO_VIEWS, RandAugment, blur_kernel_size, eval_resize)
 from .dali_source import MAGNITUDE_BINS, NOT_APPLIED
 
 READER = "reader"  # the reader's name: the iterator asks it for the epoch size and shard padding
@@ -287,28 +285,29 @@ def two_view_pipeline(shards, *, image_size: int, gpu: bool, half: bool, shard_i
 
 
 def _simclr_view(images, *, image_size: int, gpu: bool, half: bool):
-    """One view (contract.SSL_*): random-resized-crop, colour jitter (p 0.8), grayscale (p 0.2), blur (p 0.5),
-    then flip (p 0.5) and normalize in one operator; the flip commutes with the rest (pointwise colour and a
-    symmetric blur). Every random draw is per sample. A skipped jitter or grayscale is color_twist with
+    """One view (contract.TWO_VIEWS): random-resized-crop, colour jitter (p 0.8), grayscale (p 0.2), blur
+    (p 0.5), then flip (p 0.5) and normalize in one operator; the flip commutes with the rest (pointwise colour
+    and a symmetric blur). Every random draw is per sample. A skipped jitter or grayscale is color_twist with
     parameters that change nothing (factors 1, hue 0): one operator instead of a branch per operation."""
     device = "gpu" if gpu else "cpu"
     view = fn.random_resized_crop(images, device=device, size=(image_size, image_size), random_area=list(CROP_SCALE),
                                   random_aspect_ratio=list(CROP_RATIO), num_attempts=10,
                                   interp_type=types.INTERP_LINEAR, antialias=True)
-    jitter = fn.random.coin_flip(probability=SSL_JITTER_P, dtype=types.INT32)  # 0 or 1: a factor below
-    keep_colour = 1 - fn.random.coin_flip(probability=SSL_GRAY_P, dtype=types.INT32)
+    jitter = fn.random.coin_flip(probability=TWO_VIEWS.jitter_p, dtype=types.INT32)  # 0 or 1: a factor below
+    keep_colour = 1 - fn.random.coin_flip(probability=TWO_VIEWS.gray_p, dtype=types.INT32)
 
     def factor(strength: float):  # torchvision's ColorJitter: uniform in [1 - s, 1 + s], 1 when not jittered
         return 1 + jitter * fn.random.uniform(range=[-strength, strength])
     # DALI's hue is in degrees, torchvision's in turns (0.1 = 36 degrees). DALI's contrast scales around mid-grey,
     # torchvision's around the image's mean grey: the same spread of factors, a slightly different centre.
-    view = fn.color_twist(view, device=device, brightness=factor(SSL_BRIGHTNESS), contrast=factor(SSL_CONTRAST),
-                          saturation=factor(SSL_SATURATION) * keep_colour,  # saturation 0 is grayscale
-                          hue=jitter * fn.random.uniform(range=[-360 * SSL_HUE, 360 * SSL_HUE]))
-    if fn.random.coin_flip(probability=SSL_BLUR_P):
+    view = fn.color_twist(view, device=device, brightness=factor(TWO_VIEWS.brightness),
+                          contrast=factor(TWO_VIEWS.contrast),
+                          saturation=factor(TWO_VIEWS.saturation) * keep_colour,  # saturation 0 is grayscale
+                          hue=jitter * fn.random.uniform(range=[-360 * TWO_VIEWS.hue, 360 * TWO_VIEWS.hue]))
+    if fn.random.coin_flip(probability=TWO_VIEWS.blur_p):
         view = fn.gaussian_blur(view, device=device, window_size=blur_kernel_size(image_size),
-                                sigma=fn.random.uniform(range=list(SSL_BLUR_SIGMA)))
-    return _normalize(view, gpu=gpu, half=half, mirror=fn.random.coin_flip(probability=SSL_FLIP_P))
+                                sigma=fn.random.uniform(range=list(TWO_VIEWS.blur_sigma)))
+    return _normalize(view, gpu=gpu, half=half, mirror=fn.random.coin_flip(probability=TWO_VIEWS.flip_p))
 
 
 # the rest are FLOAT (among them "size", fn.resize's); image_slice takes an absolute window as integers

@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..contract import (CROP_RATIO, CROP_SCALE, RAND_AUGMENT_MAX, RAND_AUGMENT_OPS, RAND_AUGMENT_P, SSL_BLUR_P,
-                       SSL_BLUR_SIGMA, SSL_BRIGHTNESS, SSL_CONTRAST, SSL_FLIP_P, SSL_GRAY_P, SSL_HUE, SSL_JITTER_P,
-                       SSL_SATURATION, RandAugment, Ramp, rank_indices)
+from ..contract import (CROP_RATIO, CROP_SCALE, RAND_AUGMENT_MAX, RAND_AUGMENT_OPS, RAND_AUGMENT_P, TWO_VIEWS,
+                       RandAugment, Ramp, rank_indices)
 from ..formats.files import pread_exact
 from ..formats.manifest import RECONVERT, DatasetError
 from ..formats.webdataset import ShardReader
@@ -64,19 +63,20 @@ def random_resized_crops(rng: np.random.Generator, widths: np.ndarray, heights: 
 
 
 def simclr_colour(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
-    """The colour draws of one SimCLR view per sample (contract.SSL_*), as DALI's color_twist and gaussian_blur
-    take them: factors of 1 and a hue of 0 where the jitter's coin says no, saturation 0 for grayscale. DALI's
-    hue is in degrees, torchvision's in turns (0.1 = 36 degrees)."""
-    jitter = rng.random(n) < SSL_JITTER_P
+    """The colour draws of one SimCLR view per sample (contract.TWO_VIEWS), as DALI's color_twist and
+    gaussian_blur take them: factors of 1 and a hue of 0 where the jitter's coin says no, saturation 0 for
+    grayscale. DALI's hue is in degrees, torchvision's in turns (0.1 = 36 degrees)."""
+    jitter = rng.random(n) < TWO_VIEWS.jitter_p
 
     def factor(strength: float) -> np.ndarray:  # torchvision's ColorJitter: uniform in [1 - s, 1 + s]
         return np.where(jitter, rng.uniform(1 - strength, 1 + strength, n), 1.0).astype(np.float32)
-    brightness, contrast, saturation = factor(SSL_BRIGHTNESS), factor(SSL_CONTRAST), factor(SSL_SATURATION)
-    hue = np.where(jitter, rng.uniform(-360 * SSL_HUE, 360 * SSL_HUE, n), 0.0).astype(np.float32)
-    gray = rng.random(n) < SSL_GRAY_P
+    brightness, contrast = factor(TWO_VIEWS.brightness), factor(TWO_VIEWS.contrast)
+    saturation = factor(TWO_VIEWS.saturation)
+    hue = np.where(jitter, rng.uniform(-360 * TWO_VIEWS.hue, 360 * TWO_VIEWS.hue, n), 0.0).astype(np.float32)
+    gray = rng.random(n) < TWO_VIEWS.gray_p
     return {"brightness": brightness, "contrast": contrast, "saturation": np.where(gray, 0, saturation)
-            .astype(np.float32), "hue": hue, "blur": rng.random(n) < SSL_BLUR_P,
-            "sigma": rng.uniform(*SSL_BLUR_SIGMA, n).astype(np.float32)}
+            .astype(np.float32), "hue": hue, "blur": rng.random(n) < TWO_VIEWS.blur_p,
+            "sigma": rng.uniform(*TWO_VIEWS.blur_sigma, n).astype(np.float32)}
 
 
 # RandAugment on DALI's magnitude scale (nvidia.dali.auto_aug): 31 bins, bin b standing for timm's magnitude
@@ -209,7 +209,7 @@ class IndexedSource:
             rng = np.random.default_rng([plan.seed, epoch, plan.rank, batch])
             for view in range(self.views):
                 crops = random_resized_crops(rng, sizes[:, 0], sizes[:, 1])
-                mirror = (rng.random(len(indices)) < SSL_FLIP_P).astype(np.int32)
+                mirror = (rng.random(len(indices)) < TWO_VIEWS.flip_p).astype(np.int32)
                 if self.views == 1:
                     out |= {"crop_start": crops[:, :2].astype(np.int32), "crop_shape": crops[:, 2:].astype(np.int32),
                             "mirror": mirror}

@@ -46,10 +46,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..contract import (CROP_RATIO, CROP_SCALE, EVAL_CROP_FRACTION, RandAugment, Ramp, batches_per_epoch,
-                       check_start_batch, default_workers, normalize, parse_options, rank_indices, require,
-                       train_size)
-from ..formats.manifest import RECONVERT, DatasetError, beton_file, check_files, load_manifest, split_info
+from ..contract import (CROP_RATIO, CROP_SCALE, EVAL_CROP_FRACTION, RandAugment, Ramp, check_start_batch, normalize,
+                       parse_options, rank_indices, require, train_size)
+from ..formats.manifest import RECONVERT, DatasetError
+from .prelude import BETON, prelude
 
 
 @dataclass(frozen=True)
@@ -271,11 +271,9 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
     from ffcv.loader import Loader
     from ffcv.pipeline import PipelineSpec
     from ffcv.transforms import RandomHorizontalFlip, Squeeze, ToDevice, ToTensor, ToTorchImage
-    opts = parse(options)
-    manifest = load_manifest(data)
-    beton = beton_file(data, manifest, split)
-    check_files(data, manifest, [beton])
-    samples = split_info(data, manifest, split)["samples"]
+    p = prelude(data, split, parse=parse, options=options, reads=BETON, batch_size=batch_size, train=train,
+                rank=rank, world_size=world_size, workers=workers)
+    opts, beton = p.options, p.beton
 
     size = (train_size(image_size, ramp, 0),) * 2  # FfcvLoader.start sets each epoch's before decoding it
     on_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []  # FFCV's CPU path skips it
@@ -310,7 +308,7 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
     _register_order()
     order = SeekableOrder(inner, batch_size=batch_size, train=train)
     where = f"{beton} (split '{split}')"
-    threads = default_workers(world_size) if workers is None else max(1, workers)  # 0: FFCV needs a thread
+    threads = max(1, p.workers)  # 0: FFCV needs a thread
     try:
         loader = Loader(str(beton), batch_size=batch_size, num_workers=threads,
                         order=order, os_cache=opts.os_cache, distributed=world_size > 1, seed=seed,
@@ -318,7 +316,6 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
                         pipelines=pipelines)
     except (ValueError, RuntimeError, OSError, AssertionError, IndexError) as e:
         raise DatasetError(f"FFCV could not open {where}: {type(e).__name__}: {e}; {RECONVERT}") from e
-    per_rank = len(rank_indices(samples, rank=rank, world_size=world_size, train=train, seed=seed, epoch=0))
-    assert len(loader) == batches_per_epoch(per_rank, batch_size, train) or quasi_random
+    assert len(loader) == p.batches or quasi_random  # FFCV counts the contract's batches
     return FfcvLoader(loader, dtype=dtype, where=where, augment=augment, crops=tuple(crops), image_size=image_size,
                       ramp=ramp, rand_augment=rand_augment, seed=seed, rank=rank)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..contract import NoOptions, Ramp, batches_per_epoch, check_start_batch, parse_options, rank_indices, train_size
-from ..formats.manifest import load_manifest, split_info
+from ..contract import NoOptions, Ramp, check_start_batch, parse_options, train_size
+from .prelude import prelude
 
 
 class SyntheticLoader:
@@ -54,10 +54,8 @@ def parse(options: dict | None) -> NoOptions:
 def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bool, device: torch.device,
           dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None,
           options: dict | None = None, views: int = 1, rand_augment=None, ramp: Ramp | None = None) -> SyntheticLoader:
-    parse(options)
-    manifest = load_manifest(data)
-    samples = len(rank_indices(split_info(data, manifest, split)["samples"], rank=rank, world_size=world_size,
-                               train=train, seed=seed, epoch=0))
-    return SyntheticLoader(batches=batches_per_epoch(samples, batch_size, train), batch_size=batch_size,
-                           image_size=image_size, num_classes=manifest["num_classes"], device=torch.device(device),
-                           dtype=dtype, seed=seed, train=train, views=views, ramp=ramp)
+    p = prelude(data, split, parse=parse, options=options, reads=None, batch_size=batch_size, train=train, rank=rank,
+                world_size=world_size, workers=workers)
+    return SyntheticLoader(batches=p.batches, batch_size=batch_size, image_size=image_size,
+                           num_classes=p.num_classes, device=torch.device(device), dtype=dtype, seed=seed, train=train,
+                           views=views, ramp=ramp)

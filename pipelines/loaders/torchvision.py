@@ -27,12 +27,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
 from .. import processes
-from ..contract import (CROP_RATIO, CROP_SCALE, SSL_BLUR_P, SSL_BLUR_SIGMA, SSL_BRIGHTNESS, SSL_CONTRAST,
-                       SSL_FLIP_P, SSL_GRAY_P, SSL_HUE, SSL_JITTER_P, SSL_SATURATION, NoOptions, RandAugment, Ramp,
-                       batches_per_epoch, blur_kernel_size, check_start_batch, default_workers, eval_resize, normalize,
-                       parse_options, rank_indices)
-from ..formats.manifest import RECONVERT, DatasetError, check_files, dali_shards, load_manifest
+from ..contract import (CROP_RATIO, CROP_SCALE, TWO_VIEWS, NoOptions, RandAugment, Ramp, batches_per_epoch,
+                       blur_kernel_size, check_start_batch, eval_resize, normalize, parse_options, rank_indices,
+                       rank_samples)
+from ..formats.manifest import RECONVERT, DatasetError
 from ..formats.webdataset import ShardReader
+from .prelude import SHARDS, prelude
 
 # What the workers import to unpickle the dataset and run it: loaded once in the forkserver (processes.py).
 TORCHVISION_PRELOAD = ["torch", "torchvision.transforms.v2", "PIL.Image", __name__]
@@ -86,7 +86,8 @@ class BatchStream(Sampler):
     def __init__(self, n: int, *, batch_size: int, rank: int, world_size: int, train: bool, seed: int):
         self.n, self.batch_size, self.rank, self.world_size = n, batch_size, rank, world_size
         self.train, self.seed = train, seed
-        self.batches = batches_per_epoch(len(self.indices(0)), batch_size, train)
+        self.batches = batches_per_epoch(rank_samples(n, rank=rank, world_size=world_size, train=train), batch_size,
+                                         train)
         self.epoch, self.start_batch = 0, 0  # where the next iter() starts
 
     def indices(self, epoch: int) -> np.ndarray:
@@ -194,18 +195,19 @@ def transforms(image_size: int, train: bool) -> v2.Transform:
 
 
 def ssl_transform(image_size: int) -> v2.Transform:
-    """One SimCLR view (contract.SSL_*): PIL image -> uint8 3 x size x size tensor. The colour ops run on the
+    """One SimCLR view (contract.TWO_VIEWS): PIL image -> uint8 3 x size x size tensor. The colour ops run on the
     PIL image (ColorJitter takes 1.9 ms on a 128-px PIL image, 3.3 ms on its tensor, one thread); the blur on
     the tensor (on a PIL image torchvision converts to a tensor and back). The blur is the costly step:
     ~5 ms at 128 px, a 2-D convolution with a kernel 10 % of the side."""
     size = blur_kernel_size(image_size)
     return v2.Compose([
         v2.RandomResizedCrop(image_size, scale=CROP_SCALE, ratio=CROP_RATIO, antialias=True),
-        v2.RandomHorizontalFlip(SSL_FLIP_P),
-        v2.RandomApply([v2.ColorJitter(SSL_BRIGHTNESS, SSL_CONTRAST, SSL_SATURATION, SSL_HUE)], p=SSL_JITTER_P),
-        v2.RandomGrayscale(SSL_GRAY_P),
+        v2.RandomHorizontalFlip(TWO_VIEWS.flip_p),
+        v2.RandomApply([v2.ColorJitter(TWO_VIEWS.brightness, TWO_VIEWS.contrast, TWO_VIEWS.saturation,
+                                       TWO_VIEWS.hue)], p=TWO_VIEWS.jitter_p),
+        v2.RandomGrayscale(TWO_VIEWS.gray_p),
         v2.PILToTensor(),
-        v2.RandomApply([v2.GaussianBlur(size, sigma=SSL_BLUR_SIGMA)], p=SSL_BLUR_P)])
+        v2.RandomApply([v2.GaussianBlur(size, sigma=TWO_VIEWS.blur_sigma)], p=TWO_VIEWS.blur_p)])
 
 
 def parse(options: dict | None) -> NoOptions:
@@ -217,17 +219,14 @@ def build(data: Path, split: str, *, batch_size: int, image_size: int, train: bo
           dtype: torch.dtype, rank: int, world_size: int, seed: int, workers: int | None,
           options: dict | None = None, views: int = 1, rand_augment: RandAugment | None = None,
           ramp: Ramp | None = None) -> TorchvisionLoader:
-    parse(options)
-    manifest = load_manifest(data)
-    shards = dali_shards(data, manifest, split)
-    check_files(data, manifest, [path for pair in shards for path in pair])
+    p = prelude(data, split, parse=parse, options=options, reads=SHARDS, batch_size=batch_size, train=train,
+                rank=rank, world_size=world_size, workers=workers)
     try:
         transform = transforms(image_size, train) if views == 1 else ssl_transform(image_size)
-        dataset = ShardDataset(shards, transform, seed, split, views, ramp if train else None)
+        dataset = ShardDataset(list(p.shards), transform, seed, split, views, ramp if train else None)
     except ValueError as e:  # an index that does not parse
         raise DatasetError(f"{e}; {RECONVERT}") from None
     batches = BatchStream(len(dataset), batch_size=batch_size, rank=rank, world_size=world_size, train=train,
                           seed=seed)
-    workers = default_workers(world_size) if workers is None else workers
-    return TorchvisionLoader(dataset, batches, device=torch.device(device), dtype=dtype, workers=workers, seed=seed,
-                             rank=rank, rand_augment=rand_augment)
+    return TorchvisionLoader(dataset, batches, device=torch.device(device), dtype=dtype, workers=p.workers,
+                             seed=seed, rank=rank, rand_augment=rand_augment)
