@@ -95,6 +95,23 @@ def test_verify_passes_on_a_fresh_output(converted):
     assert verify(converted[0], decode=True) == []
 
 
+def test_the_beton_writer_draws_no_progress_bar_of_its_own(converted, tmp_path, capfd):
+    """FFCV's writer draws a tqdm bar ("| 9/9 [00:00<00:00, 89.79it/s]") beside the converter's rich progress;
+    it is silenced while the writer runs, and FFCV's module is left as it was."""
+    import ffcv.writer
+    from tqdm import tqdm
+
+    from pipelines.formats.beton import write_beton
+    from pipelines.formats.manifest import dali_shards
+    out, manifest = converted
+    capfd.readouterr()
+    written = write_beton(dali_shards(out, manifest, "holdout"), tmp_path / "holdout.beton", workers=1)
+    captured = capfd.readouterr()
+    assert written == manifest["splits"]["holdout"]["samples"]
+    assert "it/s" not in captured.out + captured.err and "%|" not in captured.out + captured.err, captured
+    assert ffcv.writer.tqdm is tqdm
+
+
 def test_index_files_match_dalis_own_tool(converted, tmp_path):
     out, manifest = converted
     wds2idx = shutil.which("wds2idx", path=str(ROOT / ".venv/bin")) or shutil.which("wds2idx")

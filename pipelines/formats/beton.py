@@ -10,8 +10,10 @@ field's type id, so it must stay an `RGBImageField`: readers decode it with FFCV
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,22 @@ def _store_jpeg(destination, value, malloc) -> None:
     storage[:] = np.frombuffer(jpeg, dtype=np.uint8)
 
 
+@contextmanager
+def _without_ffcv_progress():
+    """FFCV's writer draws its own tqdm bar on stderr (`tqdm(total=...)` in DatasetWriter._write_common), one
+    per .beton: the converter writes its splits side by side, so their carriage returns mix into one garbled
+    line among the converter's rich output. Its progress has no off switch, so the writer's module name `tqdm`
+    is swapped for a disabled tqdm while the writer runs (in the process that writes, and restored after)."""
+    import ffcv.writer
+    from tqdm import tqdm
+    original = ffcv.writer.tqdm
+    ffcv.writer.tqdm = functools.partial(tqdm, disable=True)
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = original
+
+
 def write_beton(shards: list[tuple[Path, Path]], beton: Path, workers: int) -> int:
     """Write `beton` (via `beton.tmp`, then a rename) from the shards, in shard order. Returns samples."""
     from ffcv.fields import IntField, RGBImageField
@@ -66,7 +84,8 @@ def write_beton(shards: list[tuple[Path, Path]], beton: Path, workers: int) -> i
     small = dataset.reader.image_bytes() < 64 * SMALL_PAGE * workers
     writer = DatasetWriter(str(tmp), {"image": image, "label": IntField()},
                            page_size=SMALL_PAGE if small else LARGE_PAGE, num_workers=workers)
-    writer.from_indexed_dataset(dataset, chunksize=256)
+    with _without_ffcv_progress():
+        writer.from_indexed_dataset(dataset, chunksize=256)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     commit(tmp, beton)
