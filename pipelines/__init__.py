@@ -1,10 +1,11 @@
 """Input pipelines behind one contract (pipelines/contract.py): `build_loader(kind, ...)`.
 
-Kinds: `dali` (decode and augment on the GPU), `ffcv` (libjpeg-turbo on CPU threads, normalize on the GPU),
-`torchvision` (the baseline a user would write) and `synthetic` (the upper bound). `options` holds a kind's
-speed knobs (README, "Loaders"); an unknown one is an error. `views=2` yields two augmented views per sample
-for self-supervised pre-training (contract.py). `pipelines.formats` holds the on-disk formats
-the converter writes and the loaders read.
+Kinds (KINDS, each a module of pipelines/loaders/): `dali` (decode and augment on the GPU), `ffcv` (libjpeg-turbo
+on CPU threads, normalize on the GPU), `torchvision` (the baseline a user would write) and `synthetic` (the upper
+bound). `options` holds a kind's speed knobs (docs/loaders.md, "Speed knobs"); an unknown one is an error.
+`views=2` yields two augmented views per sample for self-supervised pre-training (contract.py).
+`pipelines.convert` is the conversion job; `pipelines.formats` holds the on-disk formats it writes and the
+loaders read.
 
 Imports are lazy: the converter's tools import `pipelines.formats`, and importing torch here would add ~5 s
 to each of their starts (and to each worker process).

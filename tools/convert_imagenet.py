@@ -4,7 +4,7 @@
     python tools/convert_imagenet.py SRC OUT [--formats ffcv,dali] [--max-resolution 512] ...
 
 SRC is an ImageFolder tree, a Kaggle ILSVRC download or the official ILSVRC2012 tars (auto-detected).
-Interrupt it at any time and rerun the same command: it resumes. See README.md for the options.
+Interrupt it at any time and rerun the same command: it resumes. docs/converting.md has the options.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Turning one input file into the RGB JPEG that both output formats store.
 
-Rules (the README repeats them):
+Rules (docs/converting.md, "What happens to each image", repeats them):
 - A file is readable only if it decodes completely: a truncated JPEG is rejected even when its bytes could be
   stored unchanged.
 - An RGB JPEG with no EXIF rotation and within `max_resolution` is stored byte for byte: no generation loss.

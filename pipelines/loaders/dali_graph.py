@@ -54,7 +54,7 @@ READER = "reader"  # the reader's name: the iterator asks it for the epoch size 
 
 @dataclass(frozen=True)
 class DaliOptions:
-    """The knobs that matter for speed (README, "DALI loader"). `workers` sets DALI's CPU threads."""
+    """The knobs that matter for speed (docs/loaders.md, "Speed knobs"). `workers` sets DALI's CPU threads."""
     # "index": the contract's order read by index (seekable, a global shuffle every epoch, no shuffle buffer);
     # "webdataset": sequential shard reads through a shuffle buffer (for storage where random reads are slow)
     reader: str = "index"

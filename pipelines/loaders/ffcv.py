@@ -54,7 +54,7 @@ from .prelude import BETON, prelude
 
 @dataclass(frozen=True)
 class FfcvOptions:
-    """The knobs that matter for speed (README, "FFCV loader"). `workers` sets FFCV's decode threads."""
+    """The knobs that matter for speed (docs/loaders.md, "Speed knobs"). `workers` sets FFCV's decode threads."""
     batches_ahead: int = 3  # batches decoded ahead of the trainer
     # True: the .beton sits in the page cache, shared by all ranks (ffcv-imagenet's in_memory=1); fits when
     # RAM holds it (ImageNet at --max-resolution 512 is ~60 GB). False: each process reads pages itself.
