@@ -43,7 +43,8 @@ from training.config import COMPILE_MODES, ConfigError, apply_overrides, load_co
 from training.loop import Step, train_step
 from training.objectives import build_network, build_objective
 from training.optim import build_optimizer, build_scheduler, check_fused
-from training.run import DTYPES, autocast_factory, compile_for_training
+from training.precision import DTYPES, autocast_factory
+from training.run import compile_for_training
 
 GOALS = {"synthetic_images_per_s_h100": goals.SYNTHETIC,
          **{f"{kind}_vs_synthetic": target for kind, target in goals.VS_SYNTHETIC.items()}}
@@ -218,9 +219,8 @@ def build_step(model: torch.nn.Module, trained: torch.nn.Module, config, objecti
     """The trainer's step around `trained` (compiled or not), with the AdamW that config.optim asks for."""
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, steps_per_epoch=1000, epochs=1)
-    scaler = torch.amp.GradScaler(device.type) if config.train.precision == "fp16" else None
-    return Step(trained, optimizer, scheduler, scaler, autocast, config.optim.label_smoothing, config.optim.grad_clip,
-                objective)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.train.precision == "fp16")
+    return Step(trained, optimizer, scheduler, scaler, autocast, config.optim.grad_clip, objective)
 
 
 def parse_args(argv):

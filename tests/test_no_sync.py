@@ -227,8 +227,7 @@ def test_colour_augment_follows_torchvision():
     images whose gates are not set pass through. The hue goes through HSV in both (1e-3 apart at most)."""
     from torchvision.transforms.v2 import functional as TF
 
-    from pipelines.contract import (SSL_BLUR_SIGMA, SSL_BRIGHTNESS, SSL_CONTRAST, SSL_HUE, SSL_SATURATION,
-                                    blur_kernel_size)
+    from pipelines.contract import TWO_VIEWS, blur_kernel_size
     from pipelines.device_augment import (BLUR_GATE, BRIGHTNESS, CONTRAST, DRAWS, GRAY_GATE, HUE, JITTER_GATE,
                                           SATURATION, SIGMA, ColourAugment)
     n, size, p = 16, 32, 0.5
@@ -236,12 +235,12 @@ def test_colour_augment_follows_torchvision():
     draws = torch.rand(DRAWS, n, generator=torch.Generator().manual_seed(1))
     order = [2, 0, 3, 1]
     out = ColourAugment(size, jitter_p=p, gray_p=p, blur_p=p).augment(images, draws, order)
-    steps = [lambda x, u: TF.adjust_brightness(x, 1 + SSL_BRIGHTNESS * (2 * u - 1)),
-             lambda x, u: TF.adjust_contrast(x, 1 + SSL_CONTRAST * (2 * u - 1)),
-             lambda x, u: TF.adjust_saturation(x, 1 + SSL_SATURATION * (2 * u - 1)),
-             lambda x, u: TF.adjust_hue(x, SSL_HUE * (2 * u - 1))]
+    steps = [lambda x, u: TF.adjust_brightness(x, 1 + TWO_VIEWS.brightness * (2 * u - 1)),
+             lambda x, u: TF.adjust_contrast(x, 1 + TWO_VIEWS.contrast * (2 * u - 1)),
+             lambda x, u: TF.adjust_saturation(x, 1 + TWO_VIEWS.saturation * (2 * u - 1)),
+             lambda x, u: TF.adjust_hue(x, TWO_VIEWS.hue * (2 * u - 1))]
     rows = [BRIGHTNESS, CONTRAST, SATURATION, HUE]
-    low, high = SSL_BLUR_SIGMA
+    low, high = TWO_VIEWS.blur_sigma
     kernel = blur_kernel_size(size)
     for i in range(n):
         expected = images[i]
@@ -276,7 +275,8 @@ def tiny_step(objective_name: str, device=CPU):
     model = build_network(config, objective, 8).to(device).to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, config.optim)
     scheduler = build_scheduler(optimizer, config.optim, steps_per_epoch=10, epochs=1)
-    return Step(model, optimizer, scheduler, None, contextlib.nullcontext, 0.1, 1.0, objective), objective
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    return Step(model, optimizer, scheduler, scaler, contextlib.nullcontext, 1.0, objective), objective
 
 
 def tiny_batches(views: int, count: int = BATCHES, device=CPU, n: int = 8):
@@ -388,7 +388,7 @@ def test_gpu_train_step_and_evaluation_do_not_sync(objective_name, precision):
     """Three steps, then an evaluation's batches, in sync-debug "error" mode; the loss is read after the window
     (the loop's one read per log window) and the evaluation's reduction outside the mode."""
     from training.loop import train_step
-    from training.run import autocast_factory
+    from training.precision import autocast_factory
     step, objective = tiny_step(objective_name, CUDA)
     step.autocast = autocast_factory(precision, CUDA)
     batches = tiny_batches(objective.views, device=CUDA)

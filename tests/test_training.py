@@ -215,7 +215,8 @@ def test_other_precisions_and_timm_models_train(converted, tmp_path, precision, 
     run = tmp_path / precision
     extra = ["--precision", precision] + (["--model", model, "--set", "model.kwargs={}"] if model else [])
     assert main(args(converted, run, *extra, epochs=1)) == 0
-    assert all(r["loss"] == r["loss"] and r["loss"] < 20 for r in records(run, "train"))  # finite, sane
+    train, summary = records(run, "train"), json.loads((run / "summary.json").read_text())
+    assert train and train[-1]["step"] == summary["steps"] and all(0 < r["loss"] < 20 for r in train), train
     saved = checkpoint.load(run / "checkpoints" / "last.pt")
     assert saved["config"]["train"]["precision"] == precision
     assert (model is None) or any(k.startswith("layer1.") for k in saved["model"])
@@ -229,3 +230,43 @@ def test_compiled_training_runs(converted, tmp_path):
     assert summary["final"]["holdout"]["samples"] > 0 and records(run, "train")[-1]["loss"] < 10
     saved = checkpoint.load(run / "checkpoints" / "last.pt")
     assert not any(k.startswith("_orig_mod") for k in saved["model"])
+
+
+def test_presets_hold_only_what_differs_from_the_defaults():
+    """config.py's rule for presets: a key whose value equals its default does not belong in one."""
+    import yaml
+
+    from training.config import PRESETS, Config
+
+    def repeated(values: dict, defaults: dict, where: str):
+        for key, value in values.items():
+            if isinstance(value, dict) and isinstance(defaults[key], dict) and key not in ("kwargs", "options"):
+                yield from repeated(value, defaults[key], f"{where}{key}.")
+            elif value == defaults[key]:
+                yield f"{where}{key}"
+
+    defaults = Config().to_dict()
+    found = {p.name: list(repeated(yaml.safe_load(p.read_text()) or {}, defaults, "")) for p in PRESETS.glob("*.yaml")}
+    assert not any(found.values()), found
+
+
+def test_every_flag_sets_its_field():
+    """run.py's FLAGS table: each flag's typed value lands in its config field (a --name of digits stays text)."""
+    from training.run import FLAGS, parse_args, resolve_config
+    given = {"--loader": "synthetic", "--data": "d", "--model": "resnet18", "--epochs": "2", "--batch-size": "4",
+             "--lr": "0.5", "--image-size": "64", "--device": "cpu", "--precision": "fp16", "--workers": "3",
+             "--out": "o", "--name": "123", "--objective": "rotation", "--init": "i", "--finetune": "linear",
+             "--freeze-blocks": "1"}
+    assert set(given) == {flag for flag, *_ in FLAGS}
+    config, _, _ = resolve_config(parse_args([part for item in given.items() for part in item]), print)
+    for flag, field_name, kind, _ in FLAGS:
+        section, key = field_name.split(".")
+        assert getattr(getattr(config, section), key) == kind(given[flag]), flag
+
+
+def test_a_saved_config_with_a_retired_field_still_loads():
+    """Runs saved before run.resume was removed hold `run: {resume: ''}` in config.yaml and their checkpoints."""
+    from training.config import Config, config_from_dict
+    saved = Config().to_dict()
+    saved["run"]["resume"] = ""
+    assert config_from_dict(saved).to_dict() == Config().to_dict()

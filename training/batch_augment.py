@@ -24,12 +24,13 @@ import torch
 from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
 
-from .config import AugmentConfig
+from .config import AugmentConfig, augmentations_on
 
 
 class BatchAugment:
     """`__call__(images, labels) -> (images, targets)`: targets are soft (B x classes) when mixing is on, else
-    the labels. `step` is the optimizer step the next batch trains (set on a resume: run.py)."""
+    the labels. `step` is the optimizer step the next batch trains (set on a resume: run.py). Built by
+    build_objective only when `enabled(config)`: at least one of erasing, mixup and cutmix is on."""
 
     def __init__(self, config: AugmentConfig, *, num_classes: int, label_smoothing: float, seed: int):
         self.seed, self.step = seed, 0
@@ -49,8 +50,6 @@ class BatchAugment:
         random.seed(int(state[0]))
         np.random.seed(int(state[1]))
         self.step += 1
-        if self.erasing is None and self.mixup is None:
-            return images, labels
         images = images.clone()  # the loader's batch stays as it was handed over (timm's ops work in place)
         if self.erasing is not None:
             self.erasing.device = images.device  # where its noise is drawn
@@ -61,5 +60,6 @@ class BatchAugment:
 
 
 def enabled(config: AugmentConfig) -> bool:
-    return bool(config.erasing or config.mixup or config.cutmix)
+    """Whether `config` turns on an augmentation of the batch (build_objective builds a BatchAugment only then)."""
+    return bool(augmentations_on(config, batch_only=True))
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.formats.files import commit, tmp_path
+
 LAST, PREVIOUS, BEST = "last.pt", "previous.pt", "best.pt"
 # What a resume needs; a checkpoint without them (a best.pt, a model-only file) cannot continue a run.
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "position", "best", "rng", "config", "num_classes")
@@ -86,27 +88,25 @@ class _Recorded:
 
 
 def _publish(tmp: Path, path: Path, keep_previous: bool) -> None:
-    """The renames that make a fully written and synced `tmp` the checkpoint `path`."""
+    """The renames that make a fully written and synced `tmp` the checkpoint `path`: the current `path` becomes
+    previous.pt first, then `tmp` replaces it and the directory is synced (files.commit), so that the renames
+    themselves survive a power cut."""
     if keep_previous and path.exists():
-        previous, link = path.with_name(PREVIOUS), path.with_name(PREVIOUS + ".tmp")
+        previous = path.with_name(PREVIOUS)
+        link = tmp_path(previous)
         link.unlink(missing_ok=True)
         try:
             os.link(path, link)  # previous.pt becomes the current last.pt before last.pt is replaced
         except OSError:  # a filesystem without hard links
             shutil.copyfile(path, link)
         os.replace(link, previous)
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the renames themselves survive a power cut
-    finally:
-        os.close(directory)
+    commit(tmp, path)
 
 
 def write(path: Path, state: dict, *, keep_previous: bool = False) -> None:
     """Writes `state` (host tensors) to `path` atomically. Raises CheckpointError naming the file when the disk
     refuses (full, read-only, quota); the checkpoint that was there is left as it was."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.unlink(missing_ok=True)  # what a killed write left (it may even be a FIFO or a link)

@@ -2,9 +2,10 @@
 
     config = load_config("vit_b16_seed", ["data.loader=ffcv", "optim.lr=5e-4"])
 
-A preset names only what differs from the defaults below. Every key of a preset or an override must be a
-field, and every value must have the field's type: a typo is an error that names it, never a silent no-op
-(ffcv-imagenet's configs carry a `bn_wd` key its script never reads).
+The defaults below are the default recipe (the vit_b16_seed preset). A preset holds exactly the keys whose
+values differ from those defaults and none that repeats one, so that it reads as what its recipe changes. Every
+key of a preset or an override must be a field, and every value must have the field's type: a typo is an error
+that names it, never a silent no-op (ffcv-imagenet's configs carry a `bn_wd` key its script never reads).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from pipelines import KINDS  # loader kind -> module; importing it imports no loader (nor torch)
 
 PRESETS = Path(__file__).resolve().parent / "presets"
 
@@ -37,7 +40,7 @@ class RampConfig:
 
 @dataclass
 class DataConfig:
-    loader: str = "dali"  # dali | ffcv | torchvision | synthetic
+    loader: str = "dali"  # a kind of pipelines.KINDS
     path: str = ""  # OUT of tools/convert_imagenet.py
     image_size: int = 224
     batch_size: int = 64  # per rank: under torchrun the global batch is nproc x batch_size
@@ -50,9 +53,9 @@ class DataConfig:
 
 @dataclass
 class AugmentConfig:
-    """DeiT's augmentation (Touvron et al. 2021), on the device for every loader. Off by default: the plan's
-    recipe is random-resized-crop and flip only. RandAugment runs inside the loader, per sample, on the uint8
-    pixels; erasing and mixup/cutmix run on the loader's normalized batch (training/batch_augment.py)."""
+    """DeiT's augmentation (Touvron et al. 2021), on the device for every loader. Off by default: the default
+    recipe augments with random-resized-crop and flip only. RandAugment runs inside the loader, per sample, on the
+    uint8 pixels; erasing and mixup/cutmix run on the loader's normalized batch (training/batch_augment.py)."""
     rand_augment: str = ""  # timm's notation, e.g. "rand-m9-mstd0.5-inc1" (DeiT's); "": off
     mixup: float = 0.0  # mixup's Beta(alpha, alpha); 0: off (DeiT: 0.8)
     cutmix: float = 0.0  # cutmix's Beta(alpha, alpha); 0: off (DeiT: 1.0)
@@ -86,9 +89,9 @@ class OptimConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01  # not applied to biases, norms and embeddings (timm's filter_bias_and_bn)
     betas: list = field(default_factory=lambda: [0.9, 0.999])
-    # The plan names no warmup; ViT-B with AdamW at lr 1e-3 is widely reported to diverge without one
-    # (DeiT warms up 5 of 300 epochs, ViT 10k steps). 3 epochs is 10 % of the 30-epoch schedule; 0 gives
-    # the plan exactly.
+    # A linear warmup: ViT-B with AdamW at lr 1e-3 is widely reported to diverge without one (DeiT warms up 5 of
+    # 300 epochs, ViT 10k steps). 3 epochs is 10 % of the default 30-epoch schedule; 0: none. Whether the
+    # default recipe diverges without it: not measured.
     warmup_epochs: float = 3.0
     min_lr: float = 0.0  # where the cosine ends
     grad_clip: float = 0.0  # max global grad norm; 0: off
@@ -117,7 +120,7 @@ class TrainConfig:
     # A checkpoint is taken at a log interval: the training thread copies the state to host memory and a side
     # thread writes it (README, "Resume, preemption, failures", has the measured cost).
     checkpoint_every_min: float = 10.0
-    objective: str = "supervised"  # supervised | simclr | rotation (training/objectives.py)
+    objective: str = "supervised"  # a name of training/objectives.py's OBJECTIVES
     # An exponential moving average of the weights (timm's ModelEmaV3), updated every step; 0: none. Evaluated
     # beside the raw weights and saved in last.pt; best.pt holds whichever `best_on` names. The average covers
     # about 1 / (1 - decay) steps: 0.9998 is 5,000 steps, a third of an ImageNet epoch at batch 64 (DeiT's
@@ -148,7 +151,6 @@ class SSLConfig:
 class RunConfig:
     out: str = "runs"  # parent of the run directories
     name: str = ""  # default: <preset>-<loader>-<UTC time>
-    resume: str = ""  # a run directory or a checkpoint to continue from
 
 
 @dataclass
@@ -166,10 +168,19 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def objective_names() -> tuple[str, ...]:
+    """train.objective's choices: the keys of training/objectives.py's OBJECTIVES. Imported when the field is
+    checked, not with this module: objectives.py imports torch and timm (about 2 s), which a config alone does
+    not need."""
+    from .objectives import OBJECTIVES
+    return tuple(OBJECTIVES)
+
+
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
-CHOICES = {("data", "loader"): ("dali", "ffcv", "torchvision", "synthetic"),
-           ("train", "precision"): ("bf16", "fp16", "fp32"),
-           ("train", "objective"): ("supervised", "simclr", "rotation"),
+# A field's allowed values: a tuple, or a function that returns one (for a registry that is costly to import).
+CHOICES = {("data", "loader"): tuple(KINDS),
+           ("train", "precision"): ("bf16", "fp16", "fp32"),  # training/precision.py's DTYPES
+           ("train", "objective"): objective_names,
            ("model", "finetune"): ("full", "linear"),
            ("model", "compile_mode"): COMPILE_MODES,
            ("train", "best_on"): ("raw", "ema")}
@@ -208,6 +219,7 @@ def _apply(section, values: dict, where: str) -> None:
             kind = object
         value = _check(value, kind, name)
         allowed = CHOICES.get(tuple(name.split(".")))
+        allowed = allowed() if callable(allowed) else allowed
         if allowed and value not in allowed:
             raise ConfigError(f"{name}: '{value}' is not one of {', '.join(allowed)}")
         setattr(section, key, value)
@@ -248,8 +260,17 @@ def apply_overrides(config: Config, overrides: list[dict | str]) -> Config:
     return config
 
 
+# Fields that configs saved by earlier versions hold and that no longer exist (run.resume, which nothing read):
+# dropped when a saved config is read, so that those runs still resume.
+RETIRED = (("run", "resume"),)
+
+
 def config_from_dict(values: dict) -> Config:
     """A resolved config as saved in config.yaml or a checkpoint."""
+    values = {section: dict(fields) if isinstance(fields, dict) else fields for section, fields in values.items()}
+    for section, key in RETIRED:
+        if isinstance(values.get(section), dict):
+            values[section].pop(key, None)
     config = Config()
     _apply(config, values, "")
     return config
@@ -265,11 +286,27 @@ def ramp_of(config: Config):
                 start_epoch=ramp.start_epoch, end_epoch=ramp.end_epoch, step=ramp.step)
 
 
+def rand_augment_of(config: Config):
+    """The config's pipelines.contract.RandAugment, or None when augment.rand_augment is off. Raises ConfigError
+    for a spec it cannot read."""
+    from pipelines.contract import RandAugment
+    try:
+        return RandAugment.parse(config.augment.rand_augment)
+    except ValueError as e:
+        raise ConfigError(f"augment.{e}") from None
+
+
+def augmentations_on(augment: AugmentConfig, *, batch_only: bool = False) -> list[str]:
+    """The names of DeiT's augmentations that `augment` turns on: rand_augment (in the loader, per sample), then
+    mixup, cutmix and erasing (on the batch: training/batch_augment.py); `batch_only`: those on the batch."""
+    names = ("mixup", "cutmix", "erasing") if batch_only else ("rand_augment", "mixup", "cutmix", "erasing")
+    return [name for name in names if getattr(augment, name)]
+
+
 def check_recipe(config: Config, patch: int | None) -> None:
     """The combinations that cannot work, as ConfigErrors before any work: a resolution ramp that shrinks or
     ends elsewhere than data.image_size, a size the ViT's patch does not divide (`patch`: the model's patch
     side, None for models that take any size), batch augmentation with a self-supervised objective."""
-    from pipelines.contract import RandAugment
     data, augment, ramp = config.data, config.augment, config.data.ramp
     sizes = {"data.image_size": data.image_size}
     if ramp.start_size:
@@ -293,17 +330,14 @@ def check_recipe(config: Config, patch: int | None) -> None:
         for name, size in sizes.items():
             if size % patch:
                 raise ConfigError(f"{name} {size} is not a multiple of the model's patch size {patch}")
-    try:
-        RandAugment.parse(augment.rand_augment)
-    except ValueError as e:
-        raise ConfigError(f"augment.{e}") from None
+    rand_augment_of(config)
     for name in ("mixup", "cutmix", "erasing", "mix_prob", "switch_prob"):
         value = getattr(augment, name)
         if value < 0 or (name != "mixup" and name != "cutmix" and value > 1):
             raise ConfigError(f"augment.{name} {value} is out of range")
-    batch_augment = [name for name in ("rand_augment", "mixup", "cutmix", "erasing") if getattr(augment, name)]
-    if batch_augment and config.train.objective != "supervised":
-        raise ConfigError(f"augment.{', augment.'.join(batch_augment)} with train.objective="
+    deit = augmentations_on(augment)
+    if deit and config.train.objective != "supervised":
+        raise ConfigError(f"augment.{', augment.'.join(deit)} with train.objective="
                           f"{config.train.objective}: DeiT's augmentation is for supervised training (the "
                           "self-supervised objectives bring their own views and targets)")
     if (augment.mixup or augment.cutmix) and data.batch_size % 2:

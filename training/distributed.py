@@ -44,11 +44,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

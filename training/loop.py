@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from .distributed import all_reduce_sum
-from .objectives import Objective, Supervised
+from .objectives import Objective
 
 
 class NonFiniteLoss(RuntimeError):
@@ -41,18 +41,14 @@ class Step:
     model: torch.nn.Module  # compiled and/or DDP-wrapped
     optimizer: torch.optim.Optimizer
     scheduler: object  # timm CosineLRScheduler, stepped per update
-    scaler: torch.amp.GradScaler | None  # fp16 only
+    # Enabled for fp16 only; a disabled scaler's scale, unscale_, step and update pass straight through.
+    scaler: torch.amp.GradScaler
     autocast: Callable[[], object]  # a fresh autocast context (or a null one for fp32)
-    label_smoothing: float
     grad_clip: float
-    objective: Objective | None = None  # None: supervised cross-entropy with label_smoothing
+    objective: Objective  # what the step minimizes (training/objectives.py, build_objective)
     frozen: tuple[torch.nn.Module, ...] = ()  # kept in eval mode while the rest trains (transfer.freeze)
     ema: object | None = None  # timm's ModelEmaV3 of `ema_of` (the plain module), updated after each step
     ema_of: torch.nn.Module | None = None
-
-    def __post_init__(self):
-        if self.objective is None:
-            self.objective = Supervised(self.label_smoothing)
 
 
 def train_step(step: Step, images: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
@@ -63,18 +59,12 @@ def train_step(step: Step, images: torch.Tensor | tuple[torch.Tensor, ...], labe
     with step.autocast():
         loss = step.objective.loss(model(inputs), targets)
     optimizer.zero_grad(set_to_none=True)
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # so that clipping sees true gradients
-    else:
-        loss.backward()
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # so that clipping sees true gradients
     if step.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), step.grad_clip)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
+    scaler.step(optimizer)  # fp16: skipped when a gradient is inf or NaN
+    scaler.update()
     return loss.detach()
 
 

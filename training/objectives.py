@@ -33,6 +33,11 @@ class Objective:
     views = 1  # images per sample the train loader yields (build_loader's views)
     supervised = True  # evaluated by top-1 on the labels; the others by k-NN on frozen features
 
+    @classmethod
+    def from_config(cls, config: Config, num_classes: int) -> "Objective":
+        """The objective with `config`'s settings (build_objective)."""
+        return cls()
+
     def head(self, features: int) -> nn.Module | None:
         """The module on the backbone's pooled features (None: the timm model's own classifier)."""
         return None
@@ -54,6 +59,16 @@ class Supervised(Objective):
         # timm's SoftTargetCrossEntropy for mixup's soft targets (they already hold the label smoothing)
         self.soft = SoftTargetCrossEntropy() if augment is not None and augment.soft_targets else None
 
+    @classmethod
+    def from_config(cls, config, num_classes):
+        augment = None
+        if batch_augment.enabled(config.augment):
+            if (config.augment.mixup or config.augment.cutmix) and num_classes < 2:
+                raise ValueError("build_objective: mixup and cutmix need the dataset's num_classes for their targets")
+            augment = batch_augment.BatchAugment(config.augment, num_classes=num_classes,
+                                                 label_smoothing=config.optim.label_smoothing, seed=config.train.seed)
+        return cls(config.optim.label_smoothing, augment)
+
     def inputs(self, images, labels):
         return (images, labels) if self.augment is None else self.augment(images, labels)
 
@@ -68,6 +83,10 @@ class SimCLR(Objective):
 
     def __init__(self, temperature: float, hidden: int, out: int):
         self.temperature, self.hidden, self.out = temperature, hidden, out
+
+    @classmethod
+    def from_config(cls, config, num_classes):
+        return cls(config.ssl.temperature, config.ssl.proj_hidden_dim, config.ssl.proj_dim)
 
     def head(self, features):
         # SimCLR's projection MLP (appendix B.9: the loss on g(h) rather than on h is what makes h good for
@@ -101,20 +120,14 @@ class Rotation(Objective):
         return F.cross_entropy(outputs, targets)
 
 
+# train.objective's values: the config's check and the CLI's --objective read the names from here.
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Supervised, SimCLR, Rotation)}
+
+
 def build_objective(config: Config, num_classes: int = 0) -> Objective:
-    """`num_classes` is needed for mixup's soft targets (augment.mixup or augment.cutmix)."""
-    kind = config.train.objective
-    if kind == "simclr":
-        return SimCLR(config.ssl.temperature, config.ssl.proj_hidden_dim, config.ssl.proj_dim)
-    if kind == "rotation":
-        return Rotation()
-    augment = None
-    if batch_augment.enabled(config.augment):
-        if (config.augment.mixup or config.augment.cutmix) and num_classes < 2:
-            raise ValueError("build_objective: mixup and cutmix need the dataset's num_classes for their targets")
-        augment = batch_augment.BatchAugment(config.augment, num_classes=num_classes,
-                                             label_smoothing=config.optim.label_smoothing, seed=config.train.seed)
-    return Supervised(config.optim.label_smoothing, augment)
+    """train.objective's Objective. `num_classes` is needed for mixup's soft targets (augment.mixup or
+    augment.cutmix)."""
+    return OBJECTIVES[config.train.objective].from_config(config, num_classes)
 
 
 def info_nce(z: torch.Tensor, temperature: float, *, gather: bool = True, reduction: str = "mean") -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -12,6 +11,8 @@ from pathlib import Path
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from pipelines.formats.files import atomic_write_bytes
 
 from . import rundir
 
@@ -41,9 +42,8 @@ class RunLog:
         if not main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = run_dir / "config.yaml.tmp"  # a kill while writing must not leave a torn config.yaml to resume from
-        tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-        os.replace(tmp, run_dir / "config.yaml")
+        # atomically: a kill while writing must not leave a torn config.yaml to resume from
+        atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
         superseded = rundir.supersede(run_dir, resume_step) if resume_step is not None else 0
         self.metrics = open(run_dir / "metrics.jsonl", "a")
         if resume_step is not None:

@@ -1,6 +1,6 @@
 """Pre-trains a timm model (ViT-B/16 by default) on a converted ImageNet with any loader.
 
-    python training/run.py --loader dali --data OUT                      # the plan's recipe (vit_b16_seed)
+    python training/run.py --loader dali --data OUT                      # the default recipe (vit_b16_seed)
     python training/run.py --preset tiny_cpu --data OUT --device cpu     # a small ViT on a CPU
     python training/run.py --resume runs/NAME                            # continue where it stopped
     python training/run.py --preset simclr_vit_b16 --data OUT            # self-supervised (k-NN evaluated)
@@ -38,62 +38,81 @@ import yaml  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
-from pipelines import build_loader, check_options  # noqa: E402
-from pipelines.contract import RandAugment  # noqa: E402
+from pipelines import KINDS, build_loader, check_options  # noqa: E402
 from pipelines.formats.manifest import DatasetError, load_manifest  # noqa: E402
 from training import checkpoint, knn, rundir  # noqa: E402
 from training import model as models  # noqa: E402
 from training.checkpoint import CheckpointError  # noqa: E402
 from training.config import (Config, ConfigError, ModelConfig, TrainConfig, apply_overrides, check_recipe,  # noqa: E402
-                             config_from_dict, load_config, preset_names, ramp_of)
+                             config_from_dict, load_config, preset_names, ramp_of, rand_augment_of)
 from training.distributed import Dist, cleanup, setup  # noqa: E402
 from training.loop import NonFiniteLoss, Step, TrainState, evaluate, train_epoch  # noqa: E402
-from training.objectives import (Objective, backbone_of, build_network, build_objective,  # noqa: E402
+from training.objectives import (OBJECTIVES, Objective, backbone_of, build_network, build_objective,  # noqa: E402
                                  checkpoint_weights, load_checkpoint_weights)
 from training.optim import build_optimizer, build_scheduler, check_fused  # noqa: E402
+from training.precision import DTYPES, autocast_factory  # noqa: E402
 from training.progress import RunLog  # noqa: E402
 from training.transfer import freeze, load_backbone  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-FLAGS = {"loader": "data.loader", "data": "data.path", "model": "model.name", "epochs": "train.epochs",
-         "batch_size": "data.batch_size", "lr": "optim.lr", "image_size": "data.image_size",
-         "device": "train.device", "out": "run.out", "name": "run.name", "precision": "train.precision",
-         "workers": "data.workers", "objective": "train.objective", "init": "model.init",
-         "finetune": "model.finetune", "freeze_blocks": "model.freeze_blocks"}
+# The flags that set one config field each: (flag, field, type, help). parse_args adds them and resolve_config
+# turns the given ones into overrides of their fields; every other field is reached with --set.
+FLAGS = (
+    ("--loader", "data.loader", str, " | ".join(KINDS)),
+    ("--data", "data.path", str, "OUT of tools/convert_imagenet.py"),
+    ("--model", "model.name", str, "any timm model name"),
+    ("--epochs", "train.epochs", int, "epochs to train"),
+    ("--batch-size", "data.batch_size", int, "per GPU (per process)"),
+    ("--lr", "optim.lr", float, "AdamW's peak learning rate"),
+    ("--image-size", "data.image_size", int, "the side of the square crops, in pixels"),
+    ("--device", "train.device", str, "auto | cuda | cpu"),
+    ("--precision", "train.precision", str, " | ".join(DTYPES)),
+    ("--workers", "data.workers", int, "loader CPU threads or processes per rank"),
+    ("--out", "run.out", str, "parent of the run directories (default: runs)"),
+    ("--name", "run.name", str, "the run directory's name (default: <preset>-<loader>-<time>)"),
+    ("--objective", "train.objective", str, " | ".join(OBJECTIVES)),
+    ("--init", "model.init", str, "start from this checkpoint's backbone (a .pt file or a run directory)"),
+    ("--finetune", "model.finetune", str, "full (default) | linear (a linear probe on the frozen backbone)"),
+    ("--freeze-blocks", "model.freeze_blocks", int, "freeze the patch embedding and the first K blocks"),
+)
+
+
+def flag_dest(flag: str) -> str:
+    """argparse's attribute name for a flag: --batch-size -> batch_size."""
+    return flag.removeprefix("--").replace("-", "_")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="vit_b16_seed", help=f"one of: {', '.join(preset_names())}")
-    p.add_argument("--loader", help="dali | ffcv | torchvision | synthetic")
-    p.add_argument("--data", help="OUT of tools/convert_imagenet.py")
-    p.add_argument("--model", help="any timm model name")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="per GPU (per process)")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--device", help="auto | cuda | cpu")
-    p.add_argument("--precision", help="bf16 | fp16 | fp32")
-    p.add_argument("--workers", type=int, help="loader CPU threads or processes per rank")
-    p.add_argument("--out", help="parent of the run directories (default: runs)")
-    p.add_argument("--name", help="the run directory's name (default: <preset>-<loader>-<time>)")
+    for flag, field_name, kind, text in FLAGS:
+        p.add_argument(flag, type=kind, help=f"{text} [{field_name}]")
     p.add_argument("--resume", help="a run directory or checkpoint to continue from (its config is reused)")
     p.add_argument("--overwrite", action="store_true",
                    help="start a new run even where one exists: the old run directory is moved aside, not deleted")
-    p.add_argument("--no-compile", action="store_true", help="train without torch.compile")
-    p.add_argument("--objective", help="supervised | simclr | rotation")
-    p.add_argument("--init", help="start from this checkpoint's backbone (a .pt file or a run directory)")
-    p.add_argument("--finetune", help="full (default) | linear (a linear probe on the frozen backbone)")
-    p.add_argument("--freeze-blocks", type=int, help="freeze the patch embedding and the first K blocks")
+    p.add_argument("--no-compile", action="store_true", help="train without torch.compile [model.compile=false]")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any config field, e.g. --set optim.warmup_epochs=0 (repeatable)")
     return p.parse_args(argv)
 
 
+def flag_overrides(args: argparse.Namespace) -> list[dict]:
+    """The given FLAGS as overrides of their fields, with the values argparse typed (a --name of 123 stays the
+    string '123')."""
+    overrides = []
+    for flag, field_name, _, _ in FLAGS:
+        value = getattr(args, flag_dest(flag))
+        if value is not None:
+            override = value
+            for part in reversed(field_name.split(".")):
+                override = {part: override}
+            overrides.append(override)
+    return overrides
+
+
 def resolve_config(args: argparse.Namespace, say) -> tuple[Config, dict | None, Path | None]:
     """The preset, or the resumed run's saved config, then the flags, then --set. For --resume, also the
     checkpoint it continues from (None for a run stopped before its first one) and the run directory."""
-    overrides = [f"{FLAGS[k]}={v}" for k, v in vars(args).items() if k in FLAGS and v is not None]
+    overrides = flag_overrides(args)
     overrides += ["model.compile=false"] if args.no_compile else []
     overrides += args.set
     if not args.resume:
@@ -199,12 +218,6 @@ class WindowEnd:
         return stop, due
 
 
-def autocast_factory(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext
-    return lambda: torch.autocast(device.type, dtype=DTYPES[precision])
-
-
 def compile_for_training(module: torch.nn.Module, config: ModelConfig, *, sizes: int = 1,
                          backend: str = "inductor") -> torch.nn.Module:
     """torch.compile in model.compile_mode, or the module itself when model.compile is false. dynamic=False:
@@ -232,7 +245,7 @@ def loaders(config: Config, dist: Dist, manifest: dict, objective: Objective):
                   dtype=DTYPES[config.train.precision], rank=dist.rank, world_size=dist.world_size,
                   seed=config.train.seed, workers=data.workers or None, options=data.options)
     train = build_loader(data.loader, data.path, data.train_split, train=True, views=objective.views,
-                         rand_augment=RandAugment.parse(config.augment.rand_augment), ramp=ramp_of(config), **common)
+                         rand_augment=rand_augment_of(config), ramp=ramp_of(config), **common)
     evals = {split: build_loader(data.loader, data.path, split, train=False, **common)
              for split in data.eval_splits if split in manifest["splits"] and manifest["splits"][split]["samples"]}
     bank = None if objective.supervised else build_loader(data.loader, data.path, config.ssl.knn_bank, train=False,
@@ -305,7 +318,8 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
     optimizer = build_optimizer(model, config.optim)  # only the parameters that require gradients (not frozen)
     scheduler = build_scheduler(optimizer, config.optim, steps_per_epoch=len(train_batches),
                                 epochs=config.train.epochs)
-    scaler = torch.amp.GradScaler(dist.device.type) if config.train.precision == "fp16" else None
+    # fp16's loss scaling; disabled, the scaler passes every call through (and saves an empty state)
+    scaler = torch.amp.GradScaler(dist.device.type, enabled=config.train.precision == "fp16")
     state = TrainState()
     ema = None
     if config.train.ema_decay:
@@ -319,7 +333,7 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
             ema.module.load_state_dict(saved["model_ema"])  # main() checked that it is there
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        if scaler is not None and saved["scaler"]:
+        if saved["scaler"]:  # {}: saved by a disabled scaler (not fp16), which an enabled one cannot load
             scaler.load_state_dict(saved["scaler"])
         state = TrainState(**saved["position"], best=saved["best"])
         checkpoint.set_rng_state(saved["rng"])
@@ -336,8 +350,8 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
     ramp = ramp_of(config)
     trained = compile_for_training(trained, config.model, sizes=len(ramp.distinct_sizes()) if ramp else 1)
     autocast = autocast_factory(config.train.precision, dist.device)
-    step = Step(trained, optimizer, scheduler, scaler, autocast, config.optim.label_smoothing, config.optim.grad_clip,
-                objective, tuple(frozen), ema=ema, ema_of=model)
+    step = Step(trained, optimizer, scheduler, scaler, autocast, config.optim.grad_clip, objective, tuple(frozen),
+                ema=ema, ema_of=model)
     last_path = run_dir / "checkpoints" / checkpoint.LAST
     writer = checkpoint.Writer()  # rank 0's checkpoints, written on a side thread
 
@@ -345,7 +359,7 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
         if dist.main:
             writer.save(last_path, {
                 "num_classes": num_classes, **checkpoint_weights(model), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 **({"model_ema": ema.module.state_dict()} if ema is not None else {}),
                 "position": {"epoch": state.epoch, "batch": state.batch, "step": state.step},
                 "best": state.best, "rng": checkpoint.rng_state(), "config": config.to_dict()}, keep_previous=True)

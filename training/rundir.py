@@ -15,6 +15,8 @@ import os
 import time
 from pathlib import Path
 
+from pipelines.formats.files import atomic_write_bytes
+
 from .config import ConfigError
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints")
@@ -83,7 +85,5 @@ def supersede(run_dir: Path, step: int) -> int:
     if moved:
         with open(run_dir / "metrics.superseded.jsonl", "a") as f:
             f.write("".join(f"{line}\n" for line in moved))
-        tmp = metrics.with_name(metrics.name + ".tmp")
-        tmp.write_text("".join(f"{line}\n" for line in kept))
-        os.replace(tmp, metrics)
+        atomic_write_bytes(metrics, "".join(f"{line}\n" for line in kept).encode())
     return len(moved)
