@@ -41,7 +41,7 @@ from pipelines.contract import LoaderUnavailable
 from pipelines.formats.manifest import load_manifest
 from training.config import COMPILE_MODES, ConfigError, apply_overrides, load_config
 from training.loop import Step, train_step
-from training.objectives import build_network, build_objective
+from training.objectives import OBJECTIVES, build_network, build_objective
 from training.optim import build_optimizer, build_scheduler, check_fused
 from training.precision import DTYPES, autocast_factory
 from training.run import compile_for_training
@@ -228,7 +228,7 @@ def parse_args(argv):
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--preset", default="vit_b16_seed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
-    p.add_argument("--objective", choices=["supervised", "simclr", "rotation"], default=None,
+    p.add_argument("--objective", choices=list(OBJECTIVES), default=None,
                    help="what the step minimizes (default: the preset's); simclr reads two views per image")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     p.add_argument("--batch-size", type=int, nargs="+", default=None, help="default: the preset's")

@@ -45,7 +45,7 @@ class DataConfig:
     image_size: int = 224
     batch_size: int = 64  # per rank: under torchrun the global batch is nproc x batch_size
     workers: int = 0  # CPU threads or processes per rank; 0: cores / ranks on the node
-    options: dict = field(default_factory=dict)  # the loader's speed knobs (README, "Loaders")
+    options: dict = field(default_factory=dict)  # the loader's speed knobs (docs/loaders.md, "Speed knobs")
     train_split: str = "train"
     eval_splits: list = field(default_factory=lambda: ["holdout", "val"])  # those the dataset has
     ramp: RampConfig = field(default_factory=RampConfig)
@@ -118,7 +118,7 @@ class TrainConfig:
     # without warning (node failure, OOM kill, spot reclaim: AWS gives 2 minutes, GCP 30 s) loses at most this
     # much training; an ImageNet epoch at batch 64 is 18,016 steps, from minutes on an H200 to hours elsewhere.
     # A checkpoint is taken at a log interval: the training thread copies the state to host memory and a side
-    # thread writes it (README, "Resume, preemption, failures", has the measured cost).
+    # thread writes it (docs/training.md, "Resume, preemption, failures", has the measured cost).
     checkpoint_every_min: float = 10.0
     objective: str = "supervised"  # a name of training/objectives.py's OBJECTIVES
     # An exponential moving average of the weights (timm's ModelEmaV3), updated every step; 0: none. Evaluated

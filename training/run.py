@@ -11,7 +11,7 @@ Flags set the common fields; `--set section.field=value` reaches any field of tr
 directory gets config.yaml, metrics.jsonl, summary.json, checkpoints/{last,previous,best}.pt and, with
 tensorboard installed, TensorBoard events in tb/.
 
-Nothing is lost (README, "Resume, preemption, failures"):
+Nothing is lost (docs/training.md, "Resume, preemption, failures"):
 - A new run into a directory that holds a run is refused (exit 2); --overwrite moves the old run aside.
 - last.pt is saved every train.checkpoint_every_min minutes (default 10) and at each epoch's end, atomically,
   with the one before kept as previous.pt. After a kill -9 at any moment, --resume RUN_DIR continues from the
