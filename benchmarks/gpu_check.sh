@@ -44,6 +44,7 @@
 # compile part; the GPU tests skip themselves), so `make test` checks its plumbing. Its parts are bounded by a
 # 900 s budget alone, not by the GPU's per-part limits.
 set -uo pipefail
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0; fi
 dry=()
 if [[ ${1:-} == --dry-run ]]; then dry=(--dry-run); shift; fi
 results=${1:-${OUT:-/tmp/gpu_check}}
