@@ -10,7 +10,7 @@ APT_PACKAGES := pkg-config libturbojpeg0-dev libopencv-dev
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 DEMO := build/demo
 
-.PHONY: setup test demo bench bench-convert clean
+.PHONY: setup test test-fast demo bench bench-convert clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,12 @@ $(STAMP): pyproject.toml Makefile
 	@touch $@
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
+
+# The fast tier (the tests marked `fast` in tests/conftest.py): every module of pipelines/, training/,
+# benchmarks/ and tools/ exercised at least once, in under 3 minutes on 2 cores.
+test-fast: setup
+	$(PY) -m pytest -q -m fast --durations=15
 
 # The main job end to end on generated data: sample tree (with quirky and broken files), conversion to
 # both formats, a full re-read of the output against its manifest, then a small ViT trained on it with the
@@ -48,7 +53,7 @@ demo: setup
 
 # The CPU benchmark suite (about 21 minutes on 2 cores, 1.5 of them building its data in build/bench), what a
 # ViT-B/16 checkpoint costs training (about a minute), then the report:
-# benchmarks/report.md, its charts, and the README's Results tables.
+# benchmarks/report.md, its charts, and the README's headline table.
 bench: setup
 	$(PY) -m benchmarks.run --suite cpu
 	$(PY) -m benchmarks.checkpoint

@@ -12,6 +12,92 @@ from pipelines.convert.job import ConvertSettings, convert  # noqa: E402
 from pipelines.convert.sample import add_quirks, make_sample  # noqa: E402
 
 
+# The fast tier (`make test-fast`, `pytest -m fast`): every module of pipelines/, training/, benchmarks/ and
+# tools/ run at least once, in under 3 minutes on 2 cores. An entry is a test file (all its tests) or
+# file::test (all of its parametrized cases) or file::test[case] (one case). Chosen for coverage per second:
+# the session fixtures (the sample trees and their conversion) once, no training beyond a few steps.
+FAST = (
+    # pipelines/convert, pipelines/formats, pipelines/processes (the session fixtures convert with 2 workers)
+    "test_split.py",
+    "test_images.py",
+    "test_sources.py",
+    "test_sample_generator.py",  # and tools/make_sample_imagenet.py
+    "test_convert.py::test_every_input_is_converted_or_listed",
+    "test_convert.py::test_plain_tar_and_webdataset_read_the_shards",
+    "test_convert.py::test_rerun_with_same_settings_does_nothing",
+    "test_convert.py::test_verify_passes_on_a_fresh_output",
+    "test_convert.py::test_verify_catches_a_relabelled_sample",
+    "test_convert.py::test_unknown_layout_from_the_cli",  # tools/convert_imagenet.py
+    "test_convert.py::test_verify_explains_a_directory_without_manifest",  # tools/verify_dataset.py
+    # pipelines/loaders (FFCV compiles its pipeline once per process, ~8 s), contract, rand_augment, device_augment
+    "test_pipelines.py::test_train_batches_follow_the_contract[float32-dali]",
+    "test_pipelines.py::test_train_batches_follow_the_contract[float32-ffcv]",
+    "test_pipelines.py::test_train_batches_follow_the_contract[float32-torchvision]",
+    "test_pipelines.py::test_train_batches_follow_the_contract[float32-synthetic]",
+    "test_pipelines.py::test_eval_reads_every_sample_once_in_stored_order[val-dali]",
+    "test_pipelines.py::test_eval_reads_every_sample_once_in_stored_order[val-ffcv]",
+    "test_pipelines.py::test_eval_reads_every_sample_once_in_stored_order[val-torchvision]",
+    "test_pipelines.py::test_unknown_kind_lists_the_kinds",
+    "test_pipelines.py::test_bad_options_are_clear_errors",
+    "test_rand_augment.py",
+    "test_no_sync.py::test_normalize_matches_the_formula",
+    "test_no_sync.py::test_colour_augment_follows_torchvision",
+    "test_two_views.py::test_two_views_follow_the_contract[float32-dali]",
+    "test_two_views.py::test_two_views_follow_the_contract[float32-torchvision]",
+    # training/: the step, evaluation, k-NN, objectives, transfer, batch augmentation, config, and one short run
+    # through training/run.py (run directory, progress, checkpoints)
+    "test_no_sync.py::test_train_step_makes_no_host_tensor[supervised]",
+    "test_no_sync.py::test_evaluate_makes_no_host_tensor",
+    "test_no_sync.py::test_knn_makes_no_host_tensor",
+    "test_ssl.py::test_info_nce_equals_the_formula",
+    "test_ssl.py::test_knn_votes_are_weighted_by_similarity",
+    "test_ssl.py::test_rotation_labels_match_torch_rot90",
+    "test_ssl.py::test_the_optimizer_gets_only_trainable_parameters",
+    "test_ssl.py::test_a_linear_probe_keeps_the_backbone_in_eval_mode",
+    "test_deit.py::test_mixed_targets_sum_to_one_and_match_the_mixed_pixels",
+    "test_deit.py::test_erasing_is_per_image_at_its_probability_and_seeded_by_step",
+    "test_training.py::test_checkpoint_loads_into_timm",
+    "test_training.py::test_bad_config_is_an_error_that_names_it",
+    "test_training.py::test_missing_data_is_a_clear_error",
+    "test_training.py::test_presets_hold_only_what_differs_from_the_defaults",
+    "test_training.py::test_every_flag_sets_its_field",
+    "test_training.py::test_a_saved_config_with_a_retired_field_still_loads",
+    "test_run_safety.py::test_config_mistakes_stop_before_any_work",
+    "test_run_safety.py::test_bad_resume_targets_stop_before_any_work",
+    "test_run_safety.py::test_a_run_directory_in_use_is_refused",
+    # benchmarks/ (checkpoint.py and convert.py run only their --help here, in test_docs_match.py)
+    "test_benchmarks.py::test_windows_stay_inside_an_epoch_and_the_boundary_reads_its_end",
+    "test_benchmarks.py::test_loader_benchmark_times_the_epoch_boundary_and_mid_epoch_starts",
+    "test_benchmarks.py::test_gpu_suite_refuses_without_a_gpu",
+    "test_benchmarks.py::test_report_renders_the_recorded_results",
+    "test_benchmarks.py::test_goals_say_by_how_much_and_what_the_profile_blames",
+    "test_bench_augment_ramp.py::test_the_projection_is_the_hand_computation",
+    "test_bench_augment_ramp.py::test_a_bad_rand_augment_is_refused_before_any_work",
+    "test_train_bench.py::test_windows_never_cross_an_epoch",
+    "test_train_bench.py::test_cpu_rows_have_no_peak_memory",
+    "test_train_bench.py::test_a_record_carries_its_diff_and_the_gpu_fields",
+    # the docs against the code
+    "test_docs_match.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    matched = set()
+    for item in items:
+        file = Path(item.path).name
+        keys = {file, f"{file}::{getattr(item, 'originalname', item.name)}", f"{file}::{item.name}"}
+        if keys & set(FAST):
+            item.add_marker(pytest.mark.fast)
+            matched |= keys & set(FAST)
+    # A renamed or removed test must not silently leave the tier: on a whole-suite `-m fast` run, every entry
+    # whose file was collected has to match a test.
+    if "fast" in (config.option.markexpr or "") and not any("::" in arg for arg in config.args):
+        collected = {Path(item.path).name for item in items}
+        stale = [entry for entry in FAST if entry not in matched and entry.split("::")[0] in collected]
+        if stale:
+            raise pytest.UsageError(f"tests/conftest.py's FAST names tests that do not exist: {', '.join(stale)}")
+
+
 def quiet() -> Console:
     return Console(stderr=True, quiet=True)
 

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import statistics
 import subprocess
 import tarfile
 from pathlib import Path
@@ -143,7 +144,11 @@ def test_train_step_benchmark_reports_real_over_synthetic(converted, tmp_path):
     # the tiny ViT (4 blocks, 64 tokens of 192 dims) costs tens of MFLOP per image, forward and backward
     assert 1e6 < rows["synthetic"]["train_flops_per_image"] < 1e9
     assert rows["synthetic"]["mfu"] is None  # no stated peak on a CPU: no MFU rather than a made-up one
-    assert rows["torchvision"]["profile"]["input_ms"] >= 0 and rows["torchvision"]["profile"]["step_ms"] > 0
+    # the profile's figures are the medians of the spans the trace shows (its clock in us, the same steps)
+    spans = {name: statistics.median(e["dur"] / 1e3 for e in trace["traceEvents"] if e.get("name") == name)
+             for name in ("input: next batch", "train step")}
+    assert rows["torchvision"]["profile"]["input_ms"] == pytest.approx(spans["input: next batch"], abs=1.0) and \
+        rows["torchvision"]["profile"]["step_ms"] == pytest.approx(spans["train step"], abs=1.0), (spans, rows)
 
 
 def test_gpu_check_dry_run(tmp_path):
