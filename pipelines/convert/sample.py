@@ -1,15 +1,8 @@
 """A small ImageNet look-alike in the ImageFolder layout, for the demo, tests and benchmarks
 (the CLI is tools/make_sample_imagenet.py).
 
-- Real ImageNet-1k wnids (from timm's synset table), `train/<wnid>/<wnid>_<n>.JPEG` and
-  `val/<wnid>/ILSVRC2012_val_<n>.JPEG`.
-- ImageNet-like sizes: most 500 px on the longer side (500x375 above all), aspect ratios 3:4 to 4:3, 3 % very
-  large (1,600-4,000 px) and 2 % tiny (24-96 px); JPEG quality 75-95.
-- A class is a shape (circle, square, ...) filled with a texture (stripes, dots, ...) in a hue of its own, on
-  a random background. Classes differ in three cues at once, so a small model learns them in minutes on a CPU.
-- Deterministic: each image depends only on (--seed, class, index), so the same flags give the same bytes.
-- `--quirks` adds the awkward files real ImageNet has (CMYK, grayscale, PNG named .JPEG, 16-bit, EXIF
-  rotation, ...) and broken ones (truncated, empty, not an image), to try the converter's handling.
+What the tree holds (real wnids, ImageNet-like sizes, one learnable look per class, determinism by seed,
+the quirky and broken files of --quirks) is listed in the CLI's docstring.
 """
 from __future__ import annotations
 
