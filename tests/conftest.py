@@ -65,7 +65,8 @@ FAST = (
     "test_run_safety.py::test_config_mistakes_stop_before_any_work",
     "test_run_safety.py::test_bad_resume_targets_stop_before_any_work",
     "test_run_safety.py::test_a_run_directory_in_use_is_refused",
-    # benchmarks/ (checkpoint.py and convert.py run only their --help here, in test_docs_match.py)
+    # benchmarks/ (convert.py runs only its --help here, in test_docs_match.py; the tools/ CLIs run in subprocesses)
+    "test_benchmarks.py::test_checkpoint_benchmark_writes_real_checkpoints_and_projects_the_cost",
     "test_benchmarks.py::test_windows_stay_inside_an_epoch_and_the_boundary_reads_its_end",
     "test_benchmarks.py::test_loader_benchmark_times_the_epoch_boundary_and_mid_epoch_starts",
     "test_benchmarks.py::test_gpu_suite_refuses_without_a_gpu",
