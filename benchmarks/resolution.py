@@ -49,7 +49,7 @@ from training.config import COMPILE_MODES, apply_overrides, load_config, ramp_of
 from training.loop import train_step
 from training.objectives import build_network, build_objective
 from training.precision import DTYPES, autocast_factory
-from training.run import compile_for_training
+from training.model import compile_for_training
 
 # ImageNet-1k's 1,281,167 train images less the converter's 10 % holdout, which takes round(0.1 x n) of each
 # class (pipelines/convert/split.py, holdout_count): 1,281,167 x 0.9 = 1,153,050.3, the per-class rounding

@@ -44,7 +44,7 @@ from training.loop import Step, train_step
 from training.objectives import OBJECTIVES, build_network, build_objective
 from training.optim import build_optimizer, build_scheduler, check_fused
 from training.precision import DTYPES, autocast_factory
-from training.run import compile_for_training
+from training.model import compile_for_training
 
 GOALS = {"synthetic_images_per_s_h100": goals.SYNTHETIC,
          **{f"{kind}_vs_synthetic": target for kind, target in goals.VS_SYNTHETIC.items()}}

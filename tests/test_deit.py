@@ -9,8 +9,10 @@ import timm
 import torch
 
 from training import checkpoint
+from training import model as models
 from training import run as trainer
 from training.batch_augment import BatchAugment
+from training.randomness import seed_step
 from training.config import AugmentConfig, load_config
 from training.run import main
 
@@ -39,9 +41,10 @@ def test_mixed_targets_sum_to_one_and_match_the_mixed_pixels(kind):
     class must be the share of i's pixels: lam for mixup (pixel = lam x i + (1 - lam) x (n-1-i)), the area
     outside the pasted box for cutmix."""
     config = AugmentConfig(mixup=0.8 if kind == "mixup" else 0.0, cutmix=1.0 if kind == "cutmix" else 0.0)
-    augment = BatchAugment(config, num_classes=64, label_smoothing=0.0, seed=3)
+    augment = BatchAugment(config, num_classes=64, label_smoothing=0.0)
     n = 64
     for step in range(5):
+        seed_step(3, 0, step)
         images, labels = constant_batch(n, classes=64)
         mixed, targets = augment(images, labels)
         assert targets.shape == (n, 64) and torch.allclose(targets.sum(1), torch.ones(n))
@@ -59,24 +62,26 @@ def test_mixed_targets_sum_to_one_and_match_the_mixed_pixels(kind):
 
 
 def test_erasing_is_per_image_at_its_probability_and_seeded_by_step():
-    """p 0.25 over 512 images: binomial sd 2 %, so 25 % +- 7 % fails a batch-wide or missing draw. The same step
-    gives the same batch (a resumed run), the next step another."""
-    augment = BatchAugment(AugmentConfig(erasing=0.25), num_classes=8, label_smoothing=0.0, seed=0)
+    """p 0.25 over 512 images: binomial sd 2 %, so 25 % +- 7 % fails a batch-wide or missing draw. The same
+    (seed, rank, step) gives the same batch (a resumed run), the next step another, and another rank another
+    (each rank of a DDP run draws its own)."""
+    augment = BatchAugment(AugmentConfig(erasing=0.25), num_classes=8, label_smoothing=0.0)
     images = torch.zeros(512, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     labels = torch.zeros(512, dtype=torch.int64)
-    erased, same_labels = augment(images, labels)
-    assert torch.equal(same_labels, labels)
+
+    def erased_at(rank, step):
+        seed_step(0, rank, step)
+        out, same_labels = augment(images, labels)
+        assert torch.equal(same_labels, labels)
+        return out
+
+    erased = erased_at(0, 0)
     share = (erased != 0).flatten(1).any(1).float().mean().item()
     assert 0.18 < share < 0.32, share
-    augment.step = 0
-    torch.manual_seed(0)
-    again, _ = augment(images, labels)
-    torch.manual_seed(0)
-    augment.step = 0
-    third, _ = augment(images, labels)
-    assert torch.equal((again != 0), (third != 0))
-    augment.step = 1
-    assert not torch.equal((augment(images, labels)[0] != 0), (again != 0))
+    torch.manual_seed(123)  # whatever ran before: the step's seeding decides
+    assert torch.equal(erased_at(0, 0), erased)
+    assert not torch.equal(erased_at(0, 1) != 0, erased != 0)
+    assert not torch.equal(erased_at(1, 0) != 0, erased != 0)
 
 
 def test_the_ema_differs_moves_toward_the_weights_and_is_what_best_pt_holds(converted, tmp_path):
@@ -145,7 +150,7 @@ def test_torch_compile_builds_one_graph_per_ramp_size():
     model = timm.create_model("vit_tiny_patch16_224", num_classes=4, img_size=32, patch_size=4, depth=1,
                               dynamic_img_size=True)
     sizes = [8, 12, 16, 20, 24, 28, 32, 36, 40, 44]  # 10 sizes: more than the default limit
-    compiled = trainer.compile_for_training(model, config, sizes=len(sizes), backend=counter)
+    compiled = models.compile_for_training(model, config, sizes=len(sizes), backend=counter)
     for size in sizes:
         for _ in range(2):
             compiled(torch.randn(2, 3, size, size))

@@ -260,8 +260,9 @@ def test_colour_augment_follows_torchvision():
 
 # --- the trainer's per-batch functions --------------------------------------------------------------------
 
-def tiny_step(objective_name: str, device=CPU):
-    """The tiny_cpu preset's model, optimizer and schedule, for `objective_name`, on `device`."""
+def tiny_step(objective_name: str, device=CPU, precision: str = "fp32"):
+    """The tiny_cpu preset's model, optimizer and schedule, for `objective_name`, on `device`; fp16 gets its
+    GradScaler and the optimizer the trainer builds for it (training/optim.py: uses_fused)."""
     from training.config import load_config
     from training.loop import Step
     from training.objectives import build_network, build_objective
@@ -273,9 +274,9 @@ def tiny_step(objective_name: str, device=CPU):
     torch.manual_seed(0)
     objective = build_objective(config, 8)
     model = build_network(config, objective, 8).to(device).to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, config.optim)
+    optimizer = build_optimizer(model, config.optim, loss_scaling=precision == "fp16")
     scheduler = build_scheduler(optimizer, config.optim, steps_per_epoch=10, epochs=1)
-    scaler = torch.amp.GradScaler(device.type, enabled=False)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     return Step(model, optimizer, scheduler, scaler, contextlib.nullcontext, 1.0, objective), objective
 
 
@@ -382,21 +383,24 @@ def test_gpu_loaders_do_not_sync_per_batch(converted, kind, views):
 
 
 @needs_cuda
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("objective_name", ["supervised", "deit", "simclr", "rotation"])
 def test_gpu_train_step_and_evaluation_do_not_sync(objective_name, precision):
-    """Three steps, then an evaluation's batches, in sync-debug "error" mode; the loss is read after the window
-    (the loop's one read per log window) and the evaluation's reduction outside the mode."""
+    """Three steps, each after the loop's reseeding, then an evaluation's batches, in sync-debug "error" mode;
+    the loss is read after the window (the loop's one read per log window) and the evaluation's reduction outside
+    the mode. fp16 includes GradScaler's unscale, step and update."""
     from training.loop import train_step
     from training.precision import autocast_factory
-    step, objective = tiny_step(objective_name, CUDA)
+    from training.randomness import seed_step
+    step, objective = tiny_step(objective_name, CUDA, precision)
     step.autocast = autocast_factory(precision, CUDA)
     batches = tiny_batches(objective.views, device=CUDA)
     train_step(step, *batches[0])
     torch.cuda.synchronize()
     loss_sum = torch.zeros((), device=CUDA)
     with syncs_are_errors():
-        for images, labels in batches[1:]:
+        for number, (images, labels) in enumerate(batches[1:], start=1):
+            seed_step(0, 0, number)
             loss_sum += train_step(step, images, labels)
             step.scheduler.step_update(num_updates=1)
     assert torch.isfinite(loss_sum).item()

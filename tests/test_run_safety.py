@@ -263,6 +263,8 @@ def test_a_run_directory_in_use_is_refused(converted, tmp_path, capsys):
     (["--objective", "simclr", "--set", "augment.mixup=0.8"], "augment.mixup with train.objective=simclr"),
     (["--set", "augment.rand_augment=rand-m9-inc0"], "only timm's increasing operation set"),
     (["--set", "train.best_on=ema"], "train.best_on=ema needs train.ema_decay"),
+    (["--set", "model.compile_eval=true"], "model.compile_eval compiles the supervised evaluation: it needs "
+                                          "model.compile=true"),
 ])
 def test_config_mistakes_stop_before_any_work(converted, tmp_path, capsys, monkeypatch, extra, message):
     monkeypatch.chdir(tmp_path)

@@ -241,6 +241,20 @@ def test_optim_fused_builds_a_fused_adamw_that_steps():
     assert not torch.equal(before, next(model.parameters()))
 
 
+def test_fp16_on_a_gpu_always_gets_the_fused_adamw():
+    """GradScaler.step reads its found-inf flag back to the host every step unless the optimizer takes it as a
+    tensor (torch's fused AdamW alone does): fp16 on CUDA must build that one, whatever optim.fused says; elsewhere
+    optim.fused decides."""
+    assert optim.uses_fused(OptimConfig(), "cuda", loss_scaling=True)
+    assert not optim.uses_fused(OptimConfig(), "cuda", loss_scaling=False)
+    assert not optim.uses_fused(OptimConfig(), "cpu", loss_scaling=True)
+    assert optim.uses_fused(OptimConfig(fused=True), "cpu", loss_scaling=False)
+    scaled = optim.build_optimizer(tiny_model(), OptimConfig(), loss_scaling=True)  # on the CPU: optim.fused
+    assert not any(group["fused"] for group in scaled.param_groups)
+    assert getattr(torch.optim.AdamW([torch.zeros(1, requires_grad=True)], fused=True),
+                   "_step_supports_amp_scaling", False)  # what GradScaler.step looks for
+
+
 def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
 
@@ -293,3 +307,22 @@ def test_the_bf16_peak_is_the_parts_own():
     assert record.peak_bf16_tflops("NVIDIA A100-SXM4-80GB") is None
     if not torch.cuda.is_available():
         assert record.cuda_device() == {}
+
+
+def test_evaluation_benchmark_times_both_models_and_projects_the_epoch(tmp_path):
+    """benchmarks.evaluation with dynamo's eager backend (the plumbing, in seconds): both rows measured, the
+    compiled twin's first pass apart, and the projection the arithmetic of the rates."""
+    from benchmarks import evaluation
+    assert evaluation.main(["--preset", "tiny_cpu", "--backend", "eager", "--batches", "2", "--repeats", "2",
+                            "--results", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("evaluation-*.json")
+    r = json.loads(path.read_text())
+    rows = {row["variant"]: row for row in r["results"]}
+    assert set(rows) == {"eager", "compiled"} and all(len(row["pass_s"]["repeats"]) == 2 for row in rows.values())
+    assert rows["compiled"]["first_pass_s"] > 0 and r["settings"]["images_per_pass"] == 8 * 2 + 2
+    run = r["projection"]
+    images = evaluation.HOLDOUT_IMAGES + evaluation.VAL_IMAGES
+    for variant, row in rows.items():
+        assert run["eval_s_per_epoch"][variant] == pytest.approx(images / row["images_per_s"]["median"])
+        assert run["eval_s_per_epoch_with_ema"][variant] == pytest.approx(2 * run["eval_s_per_epoch"][variant])
+    assert path.with_suffix(".md").exists()

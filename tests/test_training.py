@@ -1,6 +1,7 @@
 """training/run.py on the CPU: learning with each loader, exact resume, signals, NaN, bad config, DDP over
 gloo, checkpoints that timm loads. The tiny_cpu preset at 32 px on the quirky sample (6 classes, ~160 train
 images) trains an epoch in about 2 s; torch.compile is exercised by one test (it takes ~50 s here)."""
+import contextlib
 import json
 import os
 import signal
@@ -10,10 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 from pipelines.formats.manifest import load_manifest
 from training import checkpoint
+from training.config import load_config
 from training.run import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,6 +233,31 @@ def test_compiled_training_runs(converted, tmp_path):
     assert summary["final"]["holdout"]["samples"] > 0 and records(run, "train")[-1]["loss"] < 10
     saved = checkpoint.load(run / "checkpoints" / "last.pt")
     assert not any(k.startswith("_orig_mod") for k in saved["model"])
+
+
+def test_compiled_evaluation_builds_two_graphs_and_is_never_the_training_module():
+    """model.compile_eval: full eval batches get one graph and the last, smaller batch one more (a dynamic batch
+    size, not one graph per remainder), in eval mode, and the results equal the uncompiled module's. Off, the
+    plain module is evaluated."""
+    from torch._dynamo.testing import CompileCounter
+
+    from training.loop import evaluate
+    from training.model import compile_for_evaluation
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    config = load_config("tiny_cpu", ["model.compile=true", "model.compile_eval=true"]).model
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=4, img_size=32, patch_size=4, depth=1)
+    assert compile_for_evaluation(model, load_config("tiny_cpu").model) is model
+    compiled = compile_for_evaluation(model, config, backend=counter)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 4, (n,), generator=g)) for n in (8, 8, 8, 5, 3)]
+    for _ in range(2):  # a second evaluation compiles nothing more
+        results = evaluate(compiled, batches, num_classes=4, autocast=contextlib.nullcontext)
+    assert counter.frame_count == 2
+    plain = evaluate(model, batches, num_classes=4, autocast=contextlib.nullcontext)
+    assert {k: results[k] for k in ("top1", "top5", "samples")} == {k: plain[k] for k in ("top1", "top5", "samples")}
+    assert results["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    torch._dynamo.reset()
 
 
 def test_presets_hold_only_what_differs_from_the_defaults():

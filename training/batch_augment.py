@@ -1,6 +1,6 @@
 """DeiT's batch augmentation on the device, after any loader: random erasing, then mixup or cutmix, with the
 soft targets and the soft-target cross-entropy that go with them. timm's own classes do the work (RandomErasing,
-Mixup; the loss is timm's SoftTargetCrossEntropy, in objectives.Supervised); this module seeds them and runs
+Mixup; the loss is timm's SoftTargetCrossEntropy, in objectives.Supervised); this module runs
 them on the loader's normalized batch.
 
 Order, as DeiT's: erasing is per image (in DeiT it is the last of the per-image transforms, after
@@ -10,16 +10,13 @@ numbers (a mixing weight, a box, which images to erase) passed to kernels as arg
 `normal_()` on the device. Erasing is a Python loop over the batch (timm's): about a quarter of 64 images get
 one small kernel each.
 
-Seeking: timm draws from Python's `random` and numpy's global generator. They are reseeded from (seed, step)
-before every batch, so a step's draws depend on its position alone, and a resumed run draws what an
-uninterrupted one draws there with nothing to save. This resets those two global generators at every step;
-nothing else in training draws from them.
+Seeding: timm draws from Python's `random`, numpy's global generator and torch's. The train loop reseeds all of
+them before every step from (seed, rank, step) (training/randomness.py), so each rank draws its own batch
+augmentation and a resumed run draws what an uninterrupted one draws there; this module draws and seeds nothing
+itself.
 """
 from __future__ import annotations
 
-import random
-
-import numpy as np
 import torch
 from timm.data import Mixup
 from timm.data.random_erasing import RandomErasing
@@ -29,11 +26,10 @@ from .config import AugmentConfig, augmentations_on
 
 class BatchAugment:
     """`__call__(images, labels) -> (images, targets)`: targets are soft (B x classes) when mixing is on, else
-    the labels. `step` is the optimizer step the next batch trains (set on a resume: run.py). Built by
-    build_objective only when `enabled(config)`: at least one of erasing, mixup and cutmix is on."""
+    the labels. Built by build_objective only when `enabled(config)`: at least one of erasing, mixup and cutmix
+    is on."""
 
-    def __init__(self, config: AugmentConfig, *, num_classes: int, label_smoothing: float, seed: int):
-        self.seed, self.step = seed, 0
+    def __init__(self, config: AugmentConfig, *, num_classes: int, label_smoothing: float):
         self.erasing = RandomErasing(config.erasing, mode="pixel", device="cpu") if config.erasing else None
         self.mixup = None
         if config.mixup or config.cutmix:
@@ -46,10 +42,6 @@ class BatchAugment:
         return self.mixup is not None
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        state = np.random.SeedSequence([self.seed, self.step]).generate_state(2)
-        random.seed(int(state[0]))
-        np.random.seed(int(state[1]))
-        self.step += 1
         images = images.clone()  # the loader's batch stays as it was handed over (timm's ops work in place)
         if self.erasing is not None:
             self.erasing.device = images.device  # where its noise is drawn

@@ -77,6 +77,12 @@ class ModelConfig:
     # "default": the mode this trainer has always compiled with; benchmarks/gpu_check.sh measures it against
     # reduce-overhead (benchmarks.train_step --compile-mode), and a GPU record is what may change it.
     compile_mode: str = "default"
+    # Evaluation (supervised top-1/top-5) through a compiled twin of the model as well: one more graph for full
+    # batches and one for the last, smaller batch, for the raw weights and the EMA's. Off: evaluation is a few
+    # per cent of an epoch's work, and those compiles cost about what they save over a run (docs/training.md,
+    # "Evaluation", and the record benchmarks/evaluation.py makes). The k-NN evaluation of the self-supervised
+    # objectives runs uncompiled.
+    compile_eval: bool = False
     channels_last: bool = True
     # Transfer (training/transfer.py): start from another run's backbone instead of from scratch.
     init: str = ""  # a checkpoint file, or a run directory (its checkpoints/best.pt); "": random init
@@ -343,6 +349,9 @@ def check_recipe(config: Config, patch: int | None) -> None:
     if (augment.mixup or augment.cutmix) and data.batch_size % 2:
         raise ConfigError(f"augment.mixup/cutmix pair each image with the batch reversed: data.batch_size "
                           f"{data.batch_size} must be even")
+    if config.model.compile_eval and not (config.model.compile and config.train.objective == "supervised"):
+        raise ConfigError("model.compile_eval compiles the supervised evaluation: it needs model.compile=true and "
+                          "train.objective=supervised (k-NN runs uncompiled)")
     if config.train.best_on == "ema" and not config.train.ema_decay:
         raise ConfigError("train.best_on=ema needs train.ema_decay (for example 0.9998)")
     if not 0 <= config.train.ema_decay < 1:

@@ -6,7 +6,12 @@ so the host time spent blocked in `next(batches)` is the time the GPU starves fo
 window is the input-wait % shown and logged.
 
 What is minimized is the Step's objective (training/objectives.py): supervised cross-entropy by default,
-or a self-supervised loss, whose batches may hold two views per image.
+or a self-supervised loss, whose batches may hold two views per image. Every draw a step makes comes from
+(seed, rank, step) (training/randomness.py).
+
+Under DDP the window's end is also where the ranks agree: one all-reduce carries each rank's loss and whether it
+saw a non-finite one, so a NaN on any rank stops every rank at the same window (none is left waiting in a
+collective the others never reach).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .distributed import all_reduce_sum
 from .objectives import Objective
+from .randomness import seed_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -49,6 +55,8 @@ class Step:
     frozen: tuple[torch.nn.Module, ...] = ()  # kept in eval mode while the rest trains (transfer.freeze)
     ema: object | None = None  # timm's ModelEmaV3 of `ema_of` (the plain module), updated after each step
     ema_of: torch.nn.Module | None = None
+    seed: int = 0  # train.seed; with the rank, it seeds every draw of a step (training/randomness.py)
+    rank: int = 0
 
 
 def train_step(step: Step, images: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
@@ -93,6 +101,7 @@ def train_epoch(step: Step, batches, state: TrainState, *, world_size: int, log_
         images, labels = next(iterator)
         waited += time.perf_counter() - wait_start
 
+        seed_step(step.seed, step.rank, state.step)  # this rank's draws for this step, whatever came before
         loss = train_step(step, images, labels)
         state.batch += 1
         state.step += 1
@@ -108,10 +117,14 @@ def train_epoch(step: Step, batches, state: TrainState, *, world_size: int, log_
 
         last = state.batch == steps
         if window_steps == log_every or last:  # the window's end: the only place the host waits for the device
-            mean_loss = (loss_sum / window_steps).item()  # the sync: once per window
-            if bool(nonfinite.item()):
+            # Every rank's mean loss and non-finite flag, summed across ranks: the mean over ranks is logged, and
+            # a NaN on any rank stops them all here, at the same step.
+            totals = all_reduce_sum(torch.stack([loss_sum / window_steps, nonfinite.float()])).tolist()  # the sync
+            mean_loss, nonfinite_ranks = totals[0] / world_size, int(totals[1])
+            if nonfinite_ranks:
                 raise NonFiniteLoss(f"the training loss became {mean_loss} within steps "
-                                    f"{state.step - window_steps + 1}-{state.step} (epoch {state.epoch})")
+                                    f"{state.step - window_steps + 1}-{state.step} (epoch {state.epoch}"
+                                    + (f", on {nonfinite_ranks} of {world_size} ranks)" if world_size > 1 else ")"))
             elapsed = time.perf_counter() - window_start
             log({"kind": "train", "epoch": state.epoch, "batch": state.batch, "step": state.step,
                  "image_size": (images[0] if isinstance(images, (tuple, list)) else images).shape[-1],
@@ -128,7 +141,9 @@ def train_epoch(step: Step, batches, state: TrainState, *, world_size: int, log_
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches, *, num_classes: int, autocast: Callable[[], object]) -> dict:
-    """Top-1, top-5 and loss over this rank's part of a split, reduced across ranks: every sample once."""
+    """Top-1, top-5 and loss over this rank's part of a split, reduced across ranks: every sample once; and the
+    seconds it took (the reduction's read-back ends it, so the device's work is counted)."""
+    start = time.perf_counter()
     model.eval()
     device = next(model.parameters()).device
     # validate_args=False: torchmetrics' checks count the labels' distinct values (torch.unique), a stream
@@ -151,4 +166,5 @@ def evaluate(model: torch.nn.Module, batches, *, num_classes: int, autocast: Cal
     totals = all_reduce_sum(torch.stack([loss_sum, seen.double()]))
     samples = int(totals[1].item())
     return {"top1": float(top1.compute()), "top5": float(top5.compute()),
-            "loss": float(totals[0] / max(samples, 1)), "samples": samples}
+            "loss": float(totals[0] / max(samples, 1)), "samples": samples,
+            "seconds": round(time.perf_counter() - start, 3)}

@@ -66,7 +66,7 @@ class Supervised(Objective):
             if (config.augment.mixup or config.augment.cutmix) and num_classes < 2:
                 raise ValueError("build_objective: mixup and cutmix need the dataset's num_classes for their targets")
             augment = batch_augment.BatchAugment(config.augment, num_classes=num_classes,
-                                                 label_smoothing=config.optim.label_smoothing, seed=config.train.seed)
+                                                 label_smoothing=config.optim.label_smoothing)
         return cls(config.optim.label_smoothing, augment)
 
     def inputs(self, images, labels):

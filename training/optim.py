@@ -18,12 +18,20 @@ def check_fused(config: OptimConfig, device: torch.device) -> None:
                           f"(only {', '.join(supported)}); set optim.fused=false")
 
 
-def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over the parameters that require gradients, on the device they are on (build it after .to(device))."""
+def uses_fused(config: OptimConfig, device: torch.device, *, loss_scaling: bool) -> bool:
+    """optim.fused, and always under fp16's loss scaling on a GPU: GradScaler.step reads its found-inf flag back
+    to the host (`.item()`, a sync every step) before an optimizer that cannot take it, torch's foreach and
+    for-loop AdamW; the fused AdamW takes the flag and the scale as device tensors and skips the update there."""
+    return config.fused or (loss_scaling and torch.device(device).type == "cuda")
+
+
+def build_optimizer(model: torch.nn.Module, config: OptimConfig, *, loss_scaling: bool = False) -> torch.optim.Optimizer:
+    """AdamW over the parameters that require gradients, on the device they are on (build it after .to(device)).
+    `loss_scaling`: the step runs under an enabled GradScaler (fp16), see uses_fused."""
     device = next(p.device for p in model.parameters())
     check_fused(config, device)
     # fused=True: one kernel for the whole update; left out, torch picks its default for the device
-    implementation = {"fused": True} if config.fused else {}
+    implementation = {"fused": True} if uses_fused(config, device, loss_scaling=loss_scaling) else {}
     # filter_bias_and_bn: no weight decay on biases, norm weights, the position embedding and the class token
     # (timm's and DeiT's practice; decaying a LayerNorm gain toward 0 only fights the optimizer).
     return create_optimizer_v2(model, opt="adamw", lr=config.lr, weight_decay=config.weight_decay,

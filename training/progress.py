@@ -22,8 +22,9 @@ def describe(figures: dict) -> str:
     if "knn_top1" in figures:
         return (f"k-NN top-1 {figures['knn_top1']:.2%}  ({figures['samples']:,} images against a bank of "
                 f"{figures['bank']:,})")
+    took = f" in {figures['seconds']:.1f} s" if "seconds" in figures else ""
     return (f"top-1 {figures['top1']:.2%}  top-5 {figures['top5']:.2%}  loss {figures['loss']:.3f}  "
-            f"({figures['samples']:,} images)")
+            f"({figures['samples']:,} images{took})")
 
 
 class RunLog:

@@ -42,6 +42,7 @@ from pipelines import KINDS, build_loader, check_options  # noqa: E402
 from pipelines.formats.manifest import DatasetError, load_manifest  # noqa: E402
 from training import checkpoint, knn, rundir  # noqa: E402
 from training import model as models  # noqa: E402
+from training.model import compile_for_evaluation, compile_for_training  # noqa: E402
 from training.checkpoint import CheckpointError  # noqa: E402
 from training.config import (Config, ConfigError, ModelConfig, TrainConfig, apply_overrides, check_recipe,  # noqa: E402
                              config_from_dict, load_config, preset_names, ramp_of, rand_augment_of)
@@ -218,25 +219,6 @@ class WindowEnd:
         return stop, due
 
 
-def compile_for_training(module: torch.nn.Module, config: ModelConfig, *, sizes: int = 1,
-                         backend: str = "inductor") -> torch.nn.Module:
-    """torch.compile in model.compile_mode, or the module itself when model.compile is false. dynamic=False:
-    every training batch has one shape (train loaders drop the last partial batch), so the graph is specialized
-    to it, and a second shape in the same process (the benchmark's next batch size) compiles a graph of its own
-    instead of a dynamic-shape one. The CUDA-graph modes copy each step's input batch into the graph's static
-    buffer (one copy of 19 MB for 64 bf16 images at 224 px).
-
-    `sizes`: the image sizes a resolution ramp trains at. Each gets its graph once, on its first batch (the ramp
-    is monotonic, so no size comes back after the next one took over); torch's limit of recompiles per function
-    (8) is raised to fit, so that a long ramp never falls back to eager mode."""
-    if not config.compile:
-        return module
-    dynamo = torch._dynamo.config
-    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-    setattr(dynamo, limit, max(getattr(dynamo, limit), sizes + 1))
-    return torch.compile(module, mode=config.compile_mode, dynamic=False, backend=backend)
-
-
 def loaders(config: Config, dist: Dist, manifest: dict, objective: Objective):
     """The train loader (with the objective's views), the eval loaders and, for the self-supervised objectives,
     the k-NN bank: the bank split read with eval transforms (None for supervised runs)."""
@@ -315,7 +297,8 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
     model = model.to(dist.device)
     if config.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, config.optim)  # only the parameters that require gradients (not frozen)
+    # only the parameters that require gradients (not frozen); fused under fp16 on a GPU (optim.uses_fused)
+    optimizer = build_optimizer(model, config.optim, loss_scaling=config.train.precision == "fp16")
     scheduler = build_scheduler(optimizer, config.optim, steps_per_epoch=len(train_batches),
                                 epochs=config.train.epochs)
     # fp16's loss scaling; disabled, the scaler passes every call through (and saves an empty state)
@@ -338,8 +321,6 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
         state = TrainState(**saved["position"], best=saved["best"])
         checkpoint.set_rng_state(saved["rng"])
         console.print(f"resuming {run_dir} at epoch {state.epoch}, batch {state.batch} (step {state.step})")
-    if getattr(objective, "augment", None) is not None:
-        objective.augment.step = state.step  # erasing and mixup draw from (seed, step): a resume draws on
 
     # DDP first, then compile (the order torch's DDP + compile integration expects). `model` stays the plain
     # module: it is what checkpoints save (timm's key names) and what evaluation runs (no recompiles).
@@ -351,7 +332,7 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
     trained = compile_for_training(trained, config.model, sizes=len(ramp.distinct_sizes()) if ramp else 1)
     autocast = autocast_factory(config.train.precision, dist.device)
     step = Step(trained, optimizer, scheduler, scaler, autocast, config.optim.grad_clip, objective, tuple(frozen),
-                ema=ema, ema_of=model)
+                ema=ema, ema_of=model, seed=config.train.seed, rank=dist.rank)
     last_path = run_dir / "checkpoints" / checkpoint.LAST
     writer = checkpoint.Writer()  # rank 0's checkpoints, written on a side thread
 
@@ -366,11 +347,15 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
         window_end.saved()
     window_end = WindowEnd(console, state, config.train, dist.device, save_last, writer)
 
+    # What evaluation runs for each set of weights: the plain module, or its compiled twin (model.compile_eval)
+    evaluated = {id(weights): compile_for_evaluation(weights, config.model)
+                 for weights in (model, *([ema.module] if ema is not None else []))}
+
     def evaluate_all(network: torch.nn.Module) -> tuple[dict, str]:
         """Supervised: top-1/top-5 on each eval split. Self-supervised: k-NN top-1 of the frozen backbone's
         features. Returns the results and the figure that picks the best checkpoint."""
         if objective.supervised:
-            return {split: evaluate(network, batches, num_classes=num_classes, autocast=autocast)
+            return {split: evaluate(evaluated[id(network)], batches, num_classes=num_classes, autocast=autocast)
                     for split, batches in eval_batches.items()}, "top1"
         return knn.evaluate(backbone_of(network), bank_batches, eval_batches, num_classes=num_classes,
                             k=config.ssl.knn_k, temperature=config.ssl.knn_temperature, autocast=autocast), "knn_top1"
