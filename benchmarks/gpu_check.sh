@@ -6,43 +6,48 @@
 # then run it from the repository. A loader whose library does not import is skipped, with the reason, and the
 # others are still measured.
 #
-# Each part runs under its own time limit, in this order; the limits of the required parts add up to the
-# 9-minute budget (540 s), and a part never runs past what is left of it (one that would start after it is
-# reported as not run, and the check fails). The limits are estimates, scaled from the per-part times of an H100
-# run of the check's first parts: steps.log records each part's time to re-budget from.
-#   data      100 s  the gpu suite's 14,500 full-size ImageNet-like JPEGs (3,000 generated, the rest linked to
-#                    them), converted full size and at 512 px
-#   train     130 s  `benchmarks.run --suite gpu --only train`: ViT-B/16 bf16 compiled (default mode), batch 64,
-#                    synthetic input against each loader, with a profile splitting each step into input wait and
-#                    model time; then SimCLR (two views per image). Two compiles (a supervised and a SimCLR
-#                    graph) of roughly 40-90 s each on an H100.
-#   compile    80 s  benchmarks.train_step directly, synthetic input, batch 64: torch.compile's default mode
-#                    against reduce-overhead (CUDA graphs), each with AdamW's default (foreach) and fused
-#                    implementation. The default-mode graph is the train part's, found in inductor's cache; the
-#                    CUDA-graph compile is the new one. Not max-autotune: its kernel search takes minutes.
-#   batch256   50 s  benchmarks.train_step directly, batch 256, synthetic input against each loader (default
-#                    mode: one compile of the batch-256 graph)
-#   loaders   100 s  each loader alone at both stored sizes, and with two views: inside-epoch windows, two
-#                    epoch boundaries and two starts at each of 0, 50 and 90 % of an epoch per row; at 512 px also
-#                    RandAugment (rand-m9-mstd0.5-inc1) on against off, windows alternated, in-epoch only (+20 s:
-#                    one more build, warm-up and three 1-s windows per loader)
-#   resolution 40 s  benchmarks.resolution (`benchmarks.run --suite gpu --only resolution`): ViT-B/16 bf16 at
-#                    batch 64 at each size of vit_b16_fast's ramp (128, 160, 192, 224 px) beside vit_b16_seed,
-#                    and the projected ImageNet wall-clock of each; eager (5 compiles would take minutes), from
-#                    synthetic input: 165 steps, the model builds and the imports
-#   tests      40 s  tests/test_loaders_gpu.py (the loaders' GPU paths) and the GPU tests of tests/test_no_sync.py
-#                    (no host-device sync per batch under torch.cuda.set_sync_debug_mode("error"))
-# and then, only with time left (not run for lack of it is no failure; these were measured before and change
-# least): scaling (each loader over 1, 2, 4, ... all cores, up to 90 s) and convert (the converter's images/s
-# per core, up to 30 s) and checkpoint (what a mid-epoch checkpoint of ViT-B/16 costs training, up to 30 s,
-# benchmarks/checkpoint.py). The order puts first what has never been measured on a GPU. train_step rewrites its
-# record after every row, so a part that reaches its limit still returns the rows it measured.
-# The records are packed into RESULTS_DIR/records.tar beside steps.log (every part's output, with each part's
-# time: the figures to re-budget from) and environment.txt: three files, however many records.
+# Each part runs under its own time limit, in this order, and never past what is left of the 9-minute budget
+# (540 s). The required parts come first; their limits add up to 400 s, and one that cannot start for lack of
+# time is reported as not run, and the check fails:
+#   data      90 s  the gpu suite's 14,500 ImageNet-size JPEGs (3,000 generated, the rest linked to them),
+#                   converted full size and at 512 px
+#   smoke    150 s  benchmarks.smoke: the trainer end to end as a user runs it (training/run.py), deit_b16's recipe
+#                   (RandAugment in the loader, mixup/cutmix, erasing, drop path, an EMA) at batch 128 with a
+#                   160 -> 224 px ramp, 2 epochs of the 512-px data (~200 steps) and one evaluation, stopped at
+#                   step 150 and --resumed to its end, through dali and then ffcv; it fails on any exception,
+#                   NaN, recompile storm or a resumed run that ends elsewhere, and records images/s and input
+#                   wait per size. Two cold ViT-B/16 compiles (the two sizes), the rest from inductor's cache.
+#   gpu-tests 40 s  tests/test_lagged_stream.py (each loader's batches checksummed with the consumer's stream
+#                   lagged against unlagged: no buffer reused while a queued read waits) and the train step and
+#                   evaluation under torch.cuda.set_sync_debug_mode("error") for every objective and precision
+#   train    120 s  `benchmarks.run --suite gpu --only train`: ViT-B/16 bf16 compiled (default mode), batch 64,
+#                   synthetic input against each loader, with a profile splitting each step into input wait and
+#                   model time (one cold compile)
+# Then, only with time left (one skipped for time fails nothing), in this order:
+#   loaders  100 s  each loader alone at both stored sizes, and with two views: inside-epoch windows, epoch
+#                   boundaries and mid-epoch starts; at 512 px also RandAugment on against off
+#   compile   80 s  torch.compile's default mode against reduce-overhead (CUDA graphs), each with AdamW's default
+#                   (foreach) and fused implementation, synthetic input, batch 64
+#   resolution 40 s ViT-B/16 at each size of vit_b16_fast's ramp beside vit_b16_seed, eager, and the projected
+#                   ImageNet wall-clock of each
+#   evaluation 90 s benchmarks.evaluation: evaluation eager against compiled (model.compile_eval), the compile's
+#                   seconds and the projected seconds per ImageNet epoch, with the EMA's second pass
+#   simclr    70 s  `--only simclr`: the train part for SimCLR (two views per image; one more cold compile)
+#   batch256  50 s  the train part at batch 256, each loader (one more compile)
+#   tests     60 s  the rest of the GPU tests: tests/test_loaders_gpu.py and the loaders under the sync check
+#   scaling   90 s  each loader over 1, 2, 4, ... all cores
+#   convert   30 s  the converter's images/s per core
+#   checkpoint 30 s what a mid-epoch checkpoint of ViT-B/16 costs training (benchmarks/checkpoint.py)
+# The limits are estimates from the per-part times of the first H100 runs (the loaders part's warm-ups, the GPU
+# tests' 56 s for 13 tests); steps.log records each part's time, the figures to re-budget from.
+#
+# Every part's records are packed into RESULTS_DIR/records.tar as soon as the part ends (the file is replaced
+# whole, never half-written), beside steps.log (every part's output, with each part's time) and environment.txt:
+# three files however many records, and a check stopped at any moment returns what the finished parts measured.
+# The benchmarks also rewrite their own record after every row, so a part cut short by its limit keeps its rows.
 # The tables are printed last. Unpack the records into benchmarks/results/, then run benchmarks.report.
-# --dry-run is this same script with tiny sizes on the CPU (the suite's --dry-run; the tiny ViT, eager, for the
-# compile part; the GPU tests skip themselves), so `make test` checks its plumbing. Its parts are bounded by a
-# 900 s budget alone, not by the GPU's per-part limits.
+# --dry-run is this same script with tiny sizes on the CPU (the suite's --dry-run; the tiny ViT, eager; the GPU
+# tests skip themselves), so `make test` checks its plumbing: it runs every part, bounded by a 900 s budget alone.
 set -uo pipefail
 if [[ ${1:-} == -h || ${1:-} == --help ]]; then sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0; fi
 dry=()
@@ -57,8 +62,12 @@ mkdir -p "$results" "$work/records"
 results=$(cd "$results" && pwd) work=$(cd "$work" && pwd)  # absolute: the script changes directory next
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONUNBUFFERED=1
+: > "$results/steps.log"
 
 failed=()
+pack() {  # the records so far into records.tar, replaced whole (a stop mid-write leaves the previous one)
+  tar -cf "$results/records.tar.tmp" -C "$work/records" . && mv "$results/records.tar.tmp" "$results/records.tar"
+}
 run_part() {  # run_part NAME SECONDS COMMAND...: runs it under min(SECONDS, what is left of the budget), logs it
   local name=$1 limit=$2; shift 2
   local left=$((budget - SECONDS))
@@ -67,6 +76,7 @@ run_part() {  # run_part NAME SECONDS COMMAND...: runs it under min(SECONDS, wha
   local start=$SECONDS
   if ! timeout "$limit" "$@" > >(tee -a "$results/steps.log") 2>&1; then failed+=("$name"); fi
   echo "== $name: $((SECONDS - start)) s" | tee -a "$results/steps.log"
+  pack
 }
 step() {  # step NAME SECONDS COMMAND...: a required part; out of time, it is named as not run and fails the check
   if (( budget - SECONDS < 20 )); then
@@ -88,6 +98,7 @@ extra() {  # extra NAME SECONDS COMMAND...: runs only if all of SECONDS is left;
   "$py" -c 'from benchmarks.record import environment; import json; e = environment(); e.pop("diff")
 print(json.dumps(e, indent=1))'
 } 2>&1 | tee "$results/environment.txt"
+pack
 
 suite=("$py" -m benchmarks.run --suite gpu "${dry[@]}" --results "$work/records" --work "$work")
 # benchmarks.train_step on the data the suite's train part reads (benchmarks/run.py: <work>/<suite>/r512)
@@ -97,6 +108,8 @@ if (( ${#dry[@]} )); then
          --workers 1 --steps 2 --repeats 2 --warmup 1)
   modes=(none)  # plumbing only: the tiny ViT's compile takes ~50 s on a CPU
   small=8 large=(--batch-size 4 --kinds synthetic)  # the suite's train part runs every loader
+  smoke=(--preset tiny_cpu_deit --batch-size 8 --ramp-start 24 --stop-at 7 --log-every 2 --device cpu)
+  evaluation=(--preset tiny_cpu --backend eager --batches 2 --repeats 1)
 else
   data=$work/gpu/r512
   # windows of 30 steps inside one epoch; the 10 warm-up steps hold the compile (the first row of a model) or
@@ -105,21 +118,29 @@ else
          --steps 30 --repeats 3 --warmup 10)
   modes=(default reduce-overhead)
   small=64 large=(--batch-size 256)  # every loader kind
+  smoke=()  # its defaults: deit_b16 at batch 128, 160 -> 224 px, stopped at step 150 and resumed
+  evaluation=()  # its defaults: vit_b16_seed, 40 batches of 64 and a smaller one, 3 passes
 fi
 
-step data 100 "${suite[@]}" --only data
-step train 130 "${suite[@]}" --only train
-step compile 80 "${train[@]}" --kinds synthetic --batch-size "$small" --compile-mode "${modes[@]}" --fused false true
-step batch256 50 "${train[@]}" "${large[@]}"
-step loaders 100 "${suite[@]}" --only loaders
-step resolution 40 "${suite[@]}" --only resolution
-step tests 40 "$py" -m pytest -q -p no:cacheprovider tests/test_loaders_gpu.py tests/test_no_sync.py -k "gpu"
+step data 90 "${suite[@]}" --only data
+step smoke 150 "$py" -m benchmarks.smoke --data "$data" --work "$work/smoke" --results "$work/records" "${smoke[@]}"
+step gpu-tests 40 "$py" -m pytest -q -p no:cacheprovider tests/test_lagged_stream.py \
+  "tests/test_no_sync.py::test_gpu_train_step_and_evaluation_do_not_sync"
+step train 120 "${suite[@]}" --only train
+extra loaders 100 "${suite[@]}" --only loaders
+extra compile 80 "${train[@]}" --kinds synthetic --batch-size "$small" --compile-mode "${modes[@]}" --fused false true
+extra resolution 40 "${suite[@]}" --only resolution
+extra evaluation 90 "$py" -m benchmarks.evaluation --results "$work/records" "${evaluation[@]}"
+extra simclr 70 "${suite[@]}" --only simclr
+extra batch256 50 "${train[@]}" "${large[@]}"
+extra tests 60 "$py" -m pytest -q -p no:cacheprovider tests/test_loaders_gpu.py tests/test_no_sync.py \
+  -k "gpu and not gpu_train_step"
 extra scaling 90 "${suite[@]}" --only scaling
 extra convert 30 "${suite[@]}" --only convert
 extra checkpoint 30 "$py" -m benchmarks.checkpoint --dir "$work/checkpoints" --results "$work/records" \
   $( (( ${#dry[@]} )) && echo --preset tiny_cpu --repeats 1)
 
-tar -cf "$results/records.tar" -C "$work/records" .
+pack
 echo
 cat "$work"/records/*.md 2>/dev/null
 echo "records: $results/records.tar ($(tar -tf "$results/records.tar" | grep -c json) JSON); took $SECONDS s"

@@ -1,6 +1,7 @@
 """The benchmark suites, one entry point: builds the data they need, then runs each part and writes its records.
 
-    python -m benchmarks.run --suite cpu|gpu|all [--only data loaders scaling train resolution convert] [--dry-run]
+    python -m benchmarks.run --suite cpu|gpu|all [--only data loaders scaling train simclr resolution convert]
+                             [--dry-run]
                              [--results benchmarks/results] [--work build/bench]
     python -m benchmarks.report          # then: benchmarks/report.md with tables and charts
 
@@ -13,7 +14,8 @@ Parts (each writes JSON records with hardware, versions, commit and settings; se
 - `scaling`: the loaders over a sweep of CPU workers at one resolution, to show where each one saturates.
 - `train`: training steps from synthetic input and from each loader (benchmarks/train_step.py): the
   real/synthetic ratio, MFU and peak GPU memory, with a profile that splits each step into input wait and
-  model time; then the same for SimCLR (two views per image).
+  model time.
+- `simclr`: the same for SimCLR (two views per image), at the supervised run's batch, without a profile.
 - `resolution`: ViT-B/16's training images/s at each size of vit_b16_fast's resolution ramp (128 -> 224 px)
   beside vit_b16_seed at 224 px, and the wall-clock of an ImageNet run each projects to
   (benchmarks/resolution.py); synthetic input, so it needs no data.
@@ -50,7 +52,7 @@ from benchmarks import train_step as train_bench
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # DeiT's, as training/presets/deit_b16.yaml trains with it
 # convert runs before the loaders: it forks worker processes, which is unsafe once DALI and FFCV threads run
-PARTS = ("data", "convert", "loaders", "scaling", "train", "resolution")
+PARTS = ("data", "convert", "loaders", "scaling", "train", "simclr", "resolution")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -200,7 +202,8 @@ def run_part(part: str, suite: Suite, work: Path, results: Path, console: Consol
         data = ("--data", str(dataset(work, suite.train_resolution)))
         codes.append(train_bench.main([*data, *common, "--profile", str(work / "profiles"),
                                        *suite.train_args]))
-        # SimCLR: two views per image through the same model; at the supervised run's batch, no profile
+    elif part == "simclr":  # two views per image through the same model; at the supervised run's batch, no profile
+        data = ("--data", str(dataset(work, suite.train_resolution)))
         codes.append(train_bench.main([*data, *common, "--objective", "simclr", *suite.train_args]))
     elif part == "resolution":
         codes.append(resolution_bench.main([*common, *suite.resolution_args]))
@@ -237,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         suite = dry(suite) if args.dry_run else suite
         work = args.work / (f"{name}-dry" if args.dry_run else name)
         for part in PARTS:
-            if part not in args.only and not (part == "data" and set(args.only) & {"loaders", "scaling", "train"}):
+            if part not in args.only and not (part == "data" and set(args.only) & {"loaders", "scaling", "train",
+                                                                                  "simclr"}):
                 continue
             if args.deadline_s is not None and time.monotonic() - start > args.deadline_s:
                 skipped.append(f"{name}:{part}")

@@ -165,10 +165,27 @@ def test_gpu_check_dry_run(tmp_path):
     with tarfile.open(tmp_path / "results" / "records.tar") as tar:
         records = [n for n in tar.getnames() if n.endswith(".json")]
     assert {n.split("/")[-1].split("-")[0] for n in records} == {"loaders", "train_step", "resolution", "convert",
-                                                                  "checkpoint"}
+                                                                  "checkpoint", "smoke", "evaluation"}
     log = (tmp_path / "results" / "steps.log").read_text()
-    assert all(f"== {step}:" in log for step in ("data", "train", "compile", "batch256", "loaders", "resolution",
-                                                 "scaling", "tests", "convert", "checkpoint"))
+    parts = ("data", "smoke", "gpu-tests", "train", "loaders", "compile", "resolution", "evaluation", "simclr",
+             "batch256", "tests", "scaling", "convert", "checkpoint")
+    assert all(f"== {step}:" in log for step in parts)
+    assert [line.split()[1] for line in log.splitlines() if line.startswith("== ") and "(limit" in line] == list(parts)
+    with tarfile.open(tmp_path / "results" / "records.tar") as tar:
+        (smoke,) = [json.load(tar.extractfile(n)) for n in records if n.split("/")[-1].startswith("smoke-")]
+    assert [r["loader"] for r in smoke["results"]] == ["dali", "ffcv"] and all(r["ok"] for r in smoke["results"])
+
+
+def test_gpu_check_required_parts_fit_400_s_and_records_return_as_parts_end():
+    """The required parts' limits add up to at most 400 s of the 540 s budget, and the script packs the records
+    after every part, so a check stopped at any moment returns the finished parts' records."""
+    script = (ROOT / "benchmarks/gpu_check.sh").read_text()
+    required = [int(m.group(1)) for m in re.finditer(r"^step \S+ (\d+) ", script, re.MULTILINE)]
+    optional = [m.group(1) for m in re.finditer(r"^extra (\S+) \d+ ", script, re.MULTILINE)]
+    assert len(required) == 4 and sum(required) <= 400, required
+    assert {"simclr", "batch256"} <= set(optional)
+    body = script[script.index("run_part() {"):script.index("step() {")]
+    assert "pack" in body.split("tee -a")[-1], "run_part must pack the records when a part ends"
 
 
 def test_gpu_check_reports_what_the_budget_left_out(tmp_path):
@@ -178,7 +195,8 @@ def test_gpu_check_reports_what_the_budget_left_out(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "benchmarks/gpu_check.sh"), "--dry-run", str(tmp_path / "results")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
-    assert "== train: not run, out of time" in done.stdout and "FAILED or not run: data train" in done.stdout
+    assert "== train: not run, out of time" in done.stdout
+    assert "FAILED or not run: data smoke gpu-tests train loaders" in done.stdout
 
 
 def test_cpu_suite_then_report(tmp_path):

@@ -326,3 +326,34 @@ def test_evaluation_benchmark_times_both_models_and_projects_the_epoch(tmp_path)
         assert run["eval_s_per_epoch"][variant] == pytest.approx(images / row["images_per_s"]["median"])
         assert run["eval_s_per_epoch_with_ema"][variant] == pytest.approx(2 * run["eval_s_per_epoch"][variant])
     assert path.with_suffix(".md").exists()
+
+
+def test_the_smoke_check_names_every_way_a_run_goes_wrong():
+    """benchmarks.smoke's verdict on one loader's two processes: clean runs pass; a failed process, a recompile
+    storm (more graphs than sizes, or torch's limit hit), a size the ramp did not plan, a resumed run that ends
+    early or without its evaluation each fail with a sentence that says which."""
+    from benchmarks import smoke
+
+    def train(epoch, batch, size):
+        return {"kind": "train", "epoch": epoch, "batch": batch, "image_size": size, "images_per_s": 100.0 * size,
+                "input_wait": 0.01}
+    records = [train(0, 5, 24), train(0, 10, 24), train(1, 5, 32), {"kind": "resume"}, train(1, 8, 32), train(1, 10, 32),
+               {"kind": "eval"}]
+    clean = [{"exit": 0, "recompiles": 1, "limit_hit": False, "sizes": 2, "log": "a"},
+             {"exit": 0, "recompiles": 0, "limit_hit": False, "sizes": 1, "log": "b"}]
+    summary = {"steps": 20, "final": {"holdout": {}}}
+    assert smoke.check("dali", clean, records, summary, {24, 32}) == []
+    storm = [dict(clean[0], recompiles=2), clean[1]]
+    assert "recompile storm" in " ".join(smoke.check("dali", storm, records, summary, {24, 32}))
+    limit = [clean[0], dict(clean[1], limit_hit=True)]
+    assert "recompile limit hit" in " ".join(smoke.check("dali", limit, records, summary, {24, 32}))
+    failed = [clean[0], dict(clean[1], exit=1)]
+    assert "resume process exited with 1" in " ".join(smoke.check("dali", failed, records, summary, {24, 32}))
+    assert "the ramp plans [24]" in " ".join(smoke.check("dali", clean, records, summary, {24}))
+    assert "ended at step 15" in " ".join(smoke.check("dali", clean, records, {**summary, "steps": 15}, {24, 32}))
+    assert "without its evaluation" in " ".join(smoke.check("dali", clean, records, {"steps": 20, "final": {}},
+                                                            {24, 32}))
+    assert "did not finish" in " ".join(smoke.check("dali", clean, records, None, {24, 32}))
+    by_size = smoke.rates(records)  # the first window of each size in each process is left out
+    assert by_size == {"24": {"images_per_s": 2400.0, "input_wait": 0.01, "windows": 1},
+                       "32": {"images_per_s": 3200.0, "input_wait": 0.01, "windows": 1}}
