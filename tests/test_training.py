@@ -165,6 +165,44 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(converted, 
     (["--set", "optim"], "not KEY=VALUE"),
     (["--preset", "nope"], "unknown preset 'nope'"),
 ])
+class FailingLoader(CountingLoader):
+    """A train loader whose batch `at` raises `error`, as a loader's wrapper raises a data fault or an
+    out-of-memory."""
+
+    def __init__(self, inner, at, error):
+        super().__init__(inner, [])
+        self.at, self.error = at, error
+
+    def __iter__(self):
+        for index, batch in enumerate(self.inner):
+            if index == self.at:
+                raise self.error
+            yield batch
+
+
+@pytest.mark.parametrize("kind", ["data", "memory"])
+def test_a_loader_error_mid_run_stops_with_its_message_and_keeps_the_checkpoint(converted, tmp_path, monkeypatch,
+                                                                                capsys, kind):
+    """A data fault (DatasetError, naming the file) or the device out of memory (DeviceOutOfMemory, saying what
+    to lower) in epoch 2: exit 1 with the loader's message on one line, epoch 1's checkpoint kept, no traceback."""
+    from pipelines.formats.manifest import DatasetError
+    from pipelines.loaders.errors import DeviceOutOfMemory
+    error = DatasetError("shard-000001.tar: sample 7 does not decode; convert again") if kind == "data" else \
+        DeviceOutOfMemory("out of memory while reading split 'train'. The data is fine: lower data.batch_size")
+    import training.run
+    real_train_epoch = training.run.train_epoch
+
+    def second_epoch_fails(step, batches, state, **kwargs):
+        return real_train_epoch(step, FailingLoader(batches, at=2, error=error) if state.epoch == 1 else batches,
+                                state, **kwargs)
+    monkeypatch.setattr(training.run, "train_epoch", second_epoch_fails)
+    run = tmp_path / kind
+    assert main(args(converted, run, loader="synthetic", epochs=3)) == 1
+    err = capsys.readouterr().err
+    assert str(error).split(";")[0].split(".")[0] in " ".join(err.split()) and "Traceback" not in err
+    assert checkpoint.load(run / "checkpoints" / "last.pt")["position"]["epoch"] == 1
+
+
 def test_bad_config_is_an_error_that_names_it(converted, tmp_path, capsys, extra, message):
     assert main(args(converted, tmp_path / "bad", *extra)) == 2
     assert message in " ".join(capsys.readouterr().err.split())

@@ -40,6 +40,7 @@ from rich.markup import escape  # noqa: E402
 
 from pipelines import KINDS, build_loader, check_options  # noqa: E402
 from pipelines.formats.manifest import DatasetError, load_manifest  # noqa: E402
+from pipelines.loaders.errors import DeviceOutOfMemory  # noqa: E402
 from training import checkpoint, knn, rundir  # noqa: E402
 from training import model as models  # noqa: E402
 from training.model import compile_for_evaluation, compile_for_training  # noqa: E402
@@ -409,6 +410,10 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
     except CheckpointError as e:
         error(console, f"{e}. Training stopped. Free space or fix the directory's permissions, then continue "
                        f"with: python training/run.py --resume {run_dir}")
+        return 1
+    except (DatasetError, DeviceOutOfMemory) as e:  # a loader's verdict, naming the file or what to lower
+        kept = f"the last checkpoint is {last_path}" if last_path.exists() else "no checkpoint was saved"
+        error(console, f"{e}. Training stopped; {kept} (resume with: python training/run.py --resume {run_dir})")
         return 1
     finally:
         window_end.close()
