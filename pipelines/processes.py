@@ -15,11 +15,17 @@ dataset's module (what `context(preload)` does) 39 s for the first loader of a p
 them once) and 0.4 s for each later one. Persistent workers pay it once per loader, not per epoch. numpy's
 OpenBLAS pool is a second thread as soon as numpy is imported, so in this project's processes the forkserver
 is the rule and fork the exception.
+
+Nothing outlives the process that started it, however that ends (an exception, Ctrl-C, SIGKILL from the OOM
+killer): every worker runs `tie_to_parent` first, which is where the reasons are.
 """
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import multiprocessing.forkserver
 import os
+import signal
 import sys
 
 
@@ -50,6 +56,63 @@ def context(preload: list[str]) -> multiprocessing.context.BaseContext:
     if method == "forkserver":
         ctx.set_forkserver_preload(preload)
     return ctx
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def tie_to_parent(_worker_id: int | None = None) -> None:
+    """Run first in every worker process (the DataLoader's `worker_init_fn`, the Pool's `initializer`, the
+    .beton writer): the worker then ends when the process that started it ends, a SIGKILL included, and never
+    keeps a forkserver alive. Nothing else would end it: a SIGKILL runs no clean-up in the killed process, and
+
+    - torch's DataLoader worker watches its parent's pid; under the forkserver that parent is the server, not
+      the trainer. A Pool worker watches nothing: between tasks it ends when the other end of its queue closes,
+      but inside one (a long decode, a read that hangs on a network file) it runs on.
+    - The forkserver exits when every copy of the write end of its "alive" pipe is closed. The process that
+      started the server holds one, and CPython hands one to every child the server forks (so that a child may
+      ask the same server for processes). So the workers kept the server alive, and it kept them.
+
+    What this does: on Linux, prctl(PR_SET_PDEATHSIG, SIGKILL), so that the kernel kills this worker when its
+    parent dies; then, in a child of the forkserver, it closes the inherited "alive" fd. The server then exits
+    when the process that started it ends, and its workers die with it. The order matters: while this worker
+    still holds the fd the server cannot exit on its own, so the death signal is tied to a living parent. A
+    forked worker's parent is the starting process itself, which may have died between the fork and the prctl:
+    then the worker's parent pid is no longer its pid, and the worker exits at once. The resource tracker exits
+    when every process holding its pipe has, so it goes with them.
+
+    The death signal follows the thread that forked the worker: the server forks from its only thread; a process
+    that forks workers itself must do it from a thread that lives as long as they (DataLoader's iter() and the
+    Pool's constructor run on the caller's thread; here, the main thread). Elsewhere than Linux there is no death
+    signal, but closing the fd still lets the server exit, and torch's watchdog then sees its parent change.
+    `_worker_id`: what DataLoader passes to `worker_init_fn`; unused."""
+    server = multiprocessing.forkserver._forkserver  # CPython's per-process state (no public accessor)
+    from_server = server.get_inherited_fds() is not None  # None except in a child of the forkserver
+    parent = multiprocessing.parent_process()
+    _die_with_parent(None if from_server or parent is None else parent.pid)
+    if from_server and getattr(server, "_forkserver_alive_fd", None) is not None:
+        os.close(server._forkserver_alive_fd)
+        server._forkserver_alive_fd = None
+
+
+def forks_tied_to_parents() -> None:
+    """Every child this process forks from now on with os.fork (multiprocessing's fork start does, e.g. for
+    FFCV's writer processes, which take no initializer) dies with it, as `tie_to_parent` makes a worker do; and
+    so on down: the children inherit the rule."""
+    forking = {}  # the pid of the process that forks, recorded just before the fork
+    os.register_at_fork(before=lambda: forking.update(pid=os.getpid()),
+                        after_in_child=lambda: _die_with_parent(forking["pid"]))
+
+
+def _die_with_parent(parent_pid: int | None) -> None:
+    """Linux: the kernel sends this process SIGKILL when its parent dies. `parent_pid`: the parent it must
+    have; if it already has another (the parent died first), the process exits at once."""
+    if sys.platform != "linux":
+        return
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG, SIGKILL) failed")
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os._exit(1)  # nobody is left to read this process's results
 
 
 def _measure(workers: int = 2, repeats: int = 2) -> None:

@@ -1,4 +1,5 @@
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -240,6 +241,31 @@ def test_verify_catches_a_relabelled_sample(damaged):
     tar.write_bytes(bytes(data))
     problems = verify(damaged)
     assert any("labels disagree" in p for p in problems)
+
+
+def test_the_manifest_records_the_longest_stored_side(converted):
+    """Per split, the longest side of any stored JPEG, read back from the JPEG headers."""
+    from PIL import Image
+    from pipelines.formats.manifest import largest_side
+    out, manifest = converted
+    for split in manifest["splits"]:
+        sides = [max(Image.open(io.BytesIO(jpeg)).size) for _, _, jpeg in shard_samples(out, split)]
+        assert sides and largest_side(out, manifest, split) == max(sides), split
+    assert largest_side(out, manifest, "train") == 512  # the sample has images over the cap
+
+
+def test_verify_catches_a_wrong_longest_side_and_accepts_an_older_manifest(damaged):
+    """A manifest written before the converter recorded the longest side still loads and verifies; loaders
+    then get None and fall back to their own default."""
+    from pipelines.formats.manifest import largest_side, load_manifest
+    manifest = json.loads((damaged / "manifest.json").read_text())
+    manifest["splits"]["val"]["largest_side"] -= 1
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    assert [p for p in verify(damaged) if "longest stored side" in p and "dali/val" in p]
+    for split in manifest["splits"].values():
+        del split["largest_side"]
+    (damaged / "manifest.json").write_text(json.dumps(manifest))
+    assert verify(damaged) == [] and largest_side(damaged, load_manifest(damaged), "train") is None
 
 
 def test_verify_explains_a_directory_without_manifest(tmp_path):

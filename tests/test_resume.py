@@ -103,3 +103,21 @@ def test_unfinished_output_with_other_settings_is_not_mixed(clean_tree, tmp_path
                          capture_output=True, text=True)
     assert run.returncode == 1 and "unfinished conversion made differently" in run.stderr
     assert "seed: 0 -> 3" in run.stderr
+
+
+def test_shard_records_of_an_older_version_are_redone(clean_tree, reference, tmp_path):
+    """A record without the longest stored side (written by a version that did not record it) does not count as
+    done: its shard is converted again, and the output is the uninterrupted one, manifest included."""
+    import json
+    tree, out = tmp_path / "tree", tmp_path / "out"
+    shutil.copytree(clean_tree[0], tree)
+    stall_and_interrupt(tree, out, signal.SIGKILL)
+    old = out / ".work/records/train/shard-000001.json"
+    record = json.loads(old.read_text())
+    del record["largest_side"]
+    old.write_text(json.dumps(record))
+    kept, redone = ((out / f"dali/train/shard-00000{k}.tar").stat().st_mtime_ns for k in (0, 1))
+    convert(tree, out, SETTINGS, workers=1, console=quiet())
+    assert (out / "dali/train/shard-000000.tar").stat().st_mtime_ns == kept
+    assert (out / "dali/train/shard-000001.tar").stat().st_mtime_ns != redone
+    assert_same_as_reference(out, reference)

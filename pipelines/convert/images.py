@@ -7,6 +7,8 @@ Rules (docs/converting.md, "What happens to each image", repeats them):
 - Everything else (CMYK, grayscale, palette, alpha, 16-bit, PNG or other content under a .JPEG name, EXIF
   rotation, larger than the cap) is decoded once and re-encoded as a baseline 4:2:0 RGB JPEG at
   `jpeg_quality`. Baseline, because the GPU's hardware JPEG decoder (used by DALI) handles only baseline.
+  A file of several frames gives the frame Pillow opens it at: an animation's or a multi-page TIFF's first,
+  a layered PSD's composite.
 - EXIF orientation is applied to the pixels and the tag is dropped. Decoders disagree about the tag (PIL and
   FFCV's libjpeg-turbo ignore it, DALI's decoders apply it), so baking it in gives every format the same image.
 - Colour conversion follows PIL's `convert("RGB")`, as torchvision's ImageFolder loader does: alpha is
@@ -112,9 +114,10 @@ def prepare_image(data: bytes, max_resolution: int, jpeg_quality: int) -> Prepar
         _decode_completely(im, (max(1, width // 8), max(1, height // 8)))
         return PreparedImage(data, width, height, copied=True)
 
+    # A file of several frames is stored as the one Pillow opens it at, the image it stands for: an animation's
+    # or a multi-page TIFF's first frame, a layered PSD's composite. (Its layers are frames 1 to n, and the
+    # composite can be reached only by not seeking: seek(0) is outside a PSD's sequence.)
     _decode_completely(im, _scaled_size(width, height, max_resolution) if too_big else None)
-    if getattr(im, "n_frames", 1) > 1:
-        im.seek(0)  # an animated GIF or a multi-page TIFF: the first frame is the image
     if orientation != 1:
         im = ImageOps.exif_transpose(im)
     im = _to_rgb(im)

@@ -89,13 +89,16 @@ class Context:
 
 # ---------------------------------------------------------------- worker side
 
-def _ignore_sigint() -> None:
-    # Ctrl-C goes to the whole process group; the parent alone handles it, so workers don't print tracebacks.
+def _start_worker() -> None:
+    """A pool worker's first act: it dies with the converter, however that ends (processes.tie_to_parent).
+    Ctrl-C goes to the whole process group; the parent alone handles it, so workers ignore it (no tracebacks)."""
+    processes.tie_to_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _prepare(job: tuple) -> tuple | str:
-    """Runs in a worker: read and prepare one input. Returns (jpeg, copied) or the reject reason."""
+    """Runs in a worker: read and prepare one input. Returns (jpeg, copied, longer side in pixels) or the
+    reject reason."""
     location, max_resolution, quality = job
     try:
         data = read_bytes(location)
@@ -107,12 +110,16 @@ def _prepare(job: tuple) -> tuple | str:
         return str(e)
     except Exception as e:  # an unexpected decoder failure rejects this file, with its reason, not the run
         return f"decoder error: {type(e).__name__}: {e}"
-    return image.jpeg, image.copied
+    return image.jpeg, image.copied, max(image.width, image.height)
 
 
 def _beton_process(shards: list[tuple[Path, Path]], beton: Path, workers: int) -> None:
     """Runs write_beton in a child. Stopped (SIGTERM from the parent, or Ctrl-C), it stops FFCV's writer
-    processes too, so none is left writing to the discarded temporary file."""
+    processes too, so none is left writing to the discarded temporary file. It dies with the converter, and
+    FFCV's writer processes with it, however the converter ends (processes.tie_to_parent)."""
+    processes.tie_to_parent()
+    processes.forks_tied_to_parents()
+
     def stop(signum, _frame):
         for child in multiprocessing.active_children():
             child.terminate()
@@ -252,11 +259,14 @@ def _shard_dir(ctx: Context, split: str) -> Path:
 
 
 def _load_record(ctx: Context, split: str, k: int) -> dict | None:
-    """A shard counts as done only if its record exists and its files have the recorded sizes."""
+    """A shard counts as done only if its record exists, holds every field this version records (a run of an
+    older version recorded no largest_side) and its files have the recorded sizes."""
     path = records_dir(ctx.out, split) / f"shard-{k:06d}.json"
     if not path.is_file():
         return None
     record = json.loads(path.read_text())
+    if "largest_side" not in record:
+        return None
     if record["samples"]:
         directory = _shard_dir(ctx, split)
         for name, size in ((record["tar"], record["tar_bytes"]), (record["index"], record["index_bytes"])):
@@ -268,7 +278,7 @@ def _load_record(ctx: Context, split: str, k: int) -> dict | None:
 def _write_shard(ctx: Context, split: str, k: int, chunk: list[PlannedSample], results: Iterator, task) -> dict:
     directory = _shard_dir(ctx, split)
     writer = ShardWriter(directory / shard_name(k), directory / index_name(k))
-    rejected, labels, copied = [], Counter(), 0
+    rejected, labels, copied, largest_side = [], Counter(), 0, 0
     for sample in chunk:
         result = next(results)
         if isinstance(result, str):
@@ -279,6 +289,7 @@ def _write_shard(ctx: Context, split: str, k: int, chunk: list[PlannedSample], r
             writer.add(sample_key(sample.index), sample.label, result[0])
             labels[sample.label] += 1
             copied += result[1]
+            largest_side = max(largest_side, result[2])
         ctx.progress.advance(task)
     record = {"shard": k, "samples": 0, "tar": None, "index": None, "tar_bytes": 0, "index_bytes": 0}
     if not labels:  # a shard whose inputs were all rejected is not written: DALI rejects empty indexes
@@ -287,7 +298,8 @@ def _write_shard(ctx: Context, split: str, k: int, chunk: list[PlannedSample], r
         info = writer.commit()
         record.update(samples=info.samples, tar=shard_name(k), index=index_name(k), tar_bytes=info.tar_bytes,
                       tar_sha256=info.tar_sha256, index_bytes=info.index_bytes, index_sha256=info.index_sha256)
-    record.update(copied=copied, label_counts={str(c): n for c, n in sorted(labels.items())}, rejected=rejected)
+    record.update(copied=copied, largest_side=largest_side,
+                  label_counts={str(c): n for c, n in sorted(labels.items())}, rejected=rejected)
     atomic_write_bytes(records_dir(ctx.out, split) / f"shard-{k:06d}.json", json.dumps(record).encode())
     return record
 
@@ -361,7 +373,9 @@ def _split_summary(ctx: Context, split: str, planned: int, records: list[dict], 
     samples = sum(r["samples"] for r in records)
     copied = sum(r["copied"] for r in records)
     summary = {"samples": samples, "inputs": planned, "copied": copied, "reencoded": samples - copied,
-               "rejected": sum(len(r["rejected"]) for r in records), "per_class": per_class}
+               "rejected": sum(len(r["rejected"]) for r in records), "per_class": per_class,
+               # the longest side of any stored image, in pixels (0: none stored), for decoders that preallocate
+               "largest_side": max((r["largest_side"] for r in records), default=0)}
     if "dali" in ctx.settings.formats:
         summary["dali"] = {"dir": f"dali/{split}",
                            "shards": [[r["tar"], r["index"]] for r in records if r["samples"]]}
@@ -464,7 +478,7 @@ def _convert(ctx: Context, src: Path, overwrite: bool) -> dict:
     # fork only while this process runs one thread; else a forkserver (a process that called DALI, FFCV or
     # torch first: their threads' locks would be copied held into forked children). pipelines/processes.py has
     # the costs.
-    ctx.pool = processes.context([__name__]).Pool(ctx.workers, initializer=_ignore_sigint)
+    ctx.pool = processes.context([__name__]).Pool(ctx.workers, initializer=_start_worker)
     try:
         with make_progress(console) as ctx.progress:
             for split, samples in plan.items():

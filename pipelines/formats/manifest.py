@@ -47,6 +47,13 @@ def split_info(out: Path, manifest: dict, split: str) -> dict:
     return manifest["splits"][split]
 
 
+def largest_side(out: Path, manifest: dict, split: str) -> int | None:
+    """The longest side, in pixels, of any image stored in the split (0 when it holds none), for a decoder that
+    preallocates its buffers. None for a manifest written before the converter recorded it: the loader then
+    falls back to its own default rather than refuse a sound dataset."""
+    return split_info(out, manifest, split).get("largest_side")
+
+
 def dali_shards(out: Path, manifest: dict, split: str) -> list[tuple[Path, Path]]:
     """[(tar, index)] of a split's webdataset shards."""
     info = split_info(out, manifest, split)

@@ -24,15 +24,18 @@ from .webdataset import read_index
 Tick = Callable[[str], None]
 
 
-def _check_jpeg(where: str, data: bytes, decode: bool, problems: list[str]) -> None:
+def _check_jpeg(where: str, data: bytes, decode: bool, problems: list[str]) -> int:
+    """Returns the image's longer side in pixels, from its header (0 when unreadable)."""
     try:
         im = Image.open(io.BytesIO(data))
         if im.format != "JPEG" or im.mode != "RGB":
             problems.append(f"{where}: stored image is {im.format} {im.mode}, expected an RGB JPEG")
         elif decode:
             im.load()
+        return max(im.size)
     except Exception as e:
         problems.append(f"{where}: stored image does not decode: {e}")
+        return 0
 
 
 def _read_shard(tar: Path, index: Path, problems: list[str]) -> list[tuple[str, dict[str, bytes]]] | None:
@@ -64,10 +67,10 @@ def _read_shard(tar: Path, index: Path, problems: list[str]) -> list[tuple[str, 
 
 
 def _check_dali(out: Path, split: str, info: dict, num_classes: int, decode: bool, problems: list[str],
-                tick: Tick) -> list[tuple[int, str]]:
-    """Returns [(label, sha1 of the image)] in stored order."""
+                tick: Tick) -> list[tuple[int, str, int]]:
+    """Returns [(label, sha1 of the image, its longer side)] in stored order."""
     directory = out / info["dali"]["dir"]
-    seen: list[tuple[int, str]] = []
+    seen: list[tuple[int, str, int]] = []
     last_key = ""
     for tar_name, index_name in info["dali"]["shards"]:
         tick(f"{split}: {tar_name}")
@@ -84,12 +87,12 @@ def _check_dali(out: Path, split: str, info: dict, num_classes: int, decode: boo
             label = int(text) if text.isdigit() else -1
             if len(raw) != 4 or struct.unpack("<i", raw)[0] != label or not 0 <= label < num_classes:
                 problems.append(f"{where}: labels disagree or out of range (.cls {text!r}, .label.i32 {raw.hex()})")
-            _check_jpeg(where, members[IMAGE_EXT], decode, problems)
-            seen.append((label, hashlib.sha1(members[IMAGE_EXT]).hexdigest()))
+            side = _check_jpeg(where, members[IMAGE_EXT], decode, problems)
+            seen.append((label, hashlib.sha1(members[IMAGE_EXT]).hexdigest(), side))
     return seen
 
 
-def _check_ffcv(path: Path, num_classes: int, decode: bool, problems: list[str]) -> list[tuple[int, str]] | None:
+def _check_ffcv(path: Path, num_classes: int, decode: bool, problems: list[str]) -> list[tuple[int, str, int]] | None:
     try:
         from ffcv.reader import Reader
         reader = Reader(str(path))
@@ -116,15 +119,21 @@ def _check_ffcv(path: Path, num_classes: int, decode: bool, problems: list[str])
             data = f.read(n)
             if not 0 <= int(label) < num_classes:
                 problems.append(f"{path}: sample {i} has label {int(label)}, outside 0..{num_classes - 1}")
-            _check_jpeg(f"{path}: sample {i}", data, decode, problems)
-            seen.append((int(label), hashlib.sha1(data).hexdigest()))
+            side = _check_jpeg(f"{path}: sample {i}", data, decode, problems)
+            seen.append((int(label), hashlib.sha1(data).hexdigest(), side))
     return seen
 
 
-def _check_counts(where: str, seen: list[tuple[int, str]], info: dict, num_classes: int, problems: list[str]) -> None:
+def _check_counts(where: str, seen: list[tuple[int, str, int]], info: dict, num_classes: int,
+                  problems: list[str]) -> None:
+    """The sample count, the per-class counts and the largest side (absent from manifests written before the
+    converter recorded it) against the manifest."""
     if len(seen) != info["samples"]:
         problems.append(f"{where}: {len(seen)} samples, manifest says {info['samples']}")
-    counts = Counter(label for label, _ in seen)
+    largest = max((side for *_, side in seen), default=0)
+    if "largest_side" in info and largest != info["largest_side"]:
+        problems.append(f"{where}: the longest stored side is {largest} px, manifest says {info['largest_side']}")
+    counts = Counter(label for label, *_ in seen)
     per_class = [counts.get(c, 0) for c in range(num_classes)]
     if per_class != info["per_class"]:
         wrong = [c for c in range(num_classes) if per_class[c] != info["per_class"][c]]

@@ -130,14 +130,14 @@ class TorchvisionLoader:
         self.epoch, self.start_batch = 0, 0
         self.stream, self.next_position = None, None  # the stream and the (epoch, batch) it yields next
         # forkserver unless this process runs a single thread (pipelines/processes.py); workers get the dataset
-        # pickled (shard paths and index rows, the transform).
+        # pickled (shard paths and index rows, the transform), and die with this process however it ends.
         self.context = processes.context(TORCHVISION_PRELOAD) if workers else None
         # Host -> device: pin_memory's thread pins each batch; __iter__ copies it non_blocking on the current
         # stream, which the normalization and the model then use, so the copy is ordered before them with no
         # sync (and the caching host allocator keeps the pinned buffer until the copy has run).
         self.loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers,
                                  pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                                 multiprocessing_context=self.context,
+                                 multiprocessing_context=self.context, worker_init_fn=processes.tie_to_parent,
                                  generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:
@@ -173,16 +173,24 @@ class TorchvisionLoader:
                 self.next_position = None
                 raise
             self.next_position = self.position(epoch, batch + 1)
-            labels = labels.to(self.device, non_blocking=True)
-            if isinstance(images, torch.Tensor):
-                images = images.to(self.device, non_blocking=True)
-                if self.rand_augment is not None:  # uint8 in, a new uint8 tensor out, on the device
-                    ra = self.device_rand_augment  # its draws: per (seed, epoch, rank, batch), as the crops are
-                    images = ra.rand_augment(images, self.rand_augment,
-                                             ra.batch_generator(images.device, self.seed, epoch, self.rank, batch))
-                yield normalize(images, self.dtype), labels
-            else:  # views=2: collated into a sequence of batches, one per view
-                yield tuple(normalize(view.to(self.device, non_blocking=True), self.dtype) for view in images), labels
+            try:  # the device side: the copy, RandAugment, normalize (the workers name a sample that fails)
+                labels = labels.to(self.device, non_blocking=True)
+                if isinstance(images, torch.Tensor):
+                    images = images.to(self.device, non_blocking=True)
+                    if self.rand_augment is not None:  # uint8 in, a new uint8 tensor out, on the device
+                        ra = self.device_rand_augment  # its draws: per (seed, epoch, rank, batch), as the crops are
+                        images = ra.rand_augment(images, self.rand_augment,
+                                                 ra.batch_generator(images.device, self.seed, epoch, self.rank, batch))
+                    out = normalize(images, self.dtype), labels
+                else:  # views=2: collated into a sequence of batches, one per view
+                    out = tuple(normalize(view.to(self.device, non_blocking=True), self.dtype)
+                                for view in images), labels
+            except Exception as error:  # out of memory says what to lower; anything else is raised as it was
+                from .errors import is_out_of_memory, out_of_memory
+                if is_out_of_memory(error):
+                    raise out_of_memory(f"split '{self.loader.dataset.split}'", error, "data.image_size") from error
+                raise
+            yield out
 
 
 def transforms(image_size: int, train: bool) -> v2.Transform:
