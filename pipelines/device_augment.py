@@ -6,6 +6,11 @@ and flip on the CPU, where libjpeg-turbo decodes at a reduced scale when the cro
 operators, and they cost more than the decode on the CPU (a hue shift goes through HSV), so they run here, on
 the uint8 batch after it reached the device, in float in [0, 1]; contract.normalize follows.
 
+The draws come from the generators the loader hands over (batch_random), seeded from (seed, epoch, rank, batch)
+alone, as the loaders' RandAugment draws are, and not from torch's global generator: under DDP each rank draws
+its own jitter, grayscale and blur, and a batch's draws depend only on its position, so a resumed run or a seek
+draws them again.
+
 No host-device sync and no host-to-device copy per batch: every per-image number (the gates, the jitter
 factors, the blur's sigma) is drawn on the batch's device with one `torch.rand`, applied with kornia's
 functional ops, which take per-image factor tensors, and kept per image with `torch.where`. Whether an
@@ -17,13 +22,15 @@ gaussian_blur2d's check that every sigma is positive), three or more stream sync
 The formulas are torchvision's ColorJitter (brightness scales, contrast blends with the grayscale mean,
 saturation blends with the grayscale, hue rotates in HSV; factors uniform in [1 - s, 1 + s], hue in
 [-h, h] turns), RandomGrayscale and GaussianBlur (one sigma for both axes, reflected borders). As in kornia's
-ColorJitter, the order of the four jitter steps is drawn once per batch (on the host: no device work), where
+ColorJitter, the order of the four jitter steps is drawn once per view (on the host: no device work), where
 torchvision draws one per image: a per-image order would run each step four times over the batch.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +39,21 @@ from .contract import TWO_VIEWS, blur_kernel_size
 # Rows of the per-image uniform draws (one torch.rand(DRAWS, B) per call).
 JITTER_GATE, BRIGHTNESS, CONTRAST, SATURATION, HUE, GRAY_GATE, BLUR_GATE, SIGMA = range(8)
 DRAWS = 8
+
+
+class BatchRandom(NamedTuple):
+    """Where one batch's colour draws come from. Both views draw from it in turn, so they differ."""
+    device: torch.Generator  # on the batch's device: the per-image numbers
+    host: np.random.Generator  # the jitter order, which decides what runs next and so must not wait for the device
+
+
+def batch_random(device: torch.device, seed: int, epoch: int, rank: int, batch: int) -> BatchRandom:
+    """The generators of one batch's colour draws, seeded from (seed, epoch, rank, batch) alone: the device one as
+    RandAugment's (rand_augment.batch_generator; a loader runs one of the two, never both), the host one as DALI's
+    index reader seeds its host draws (numpy's, from the same four numbers). Seeding makes no device work."""
+    from .rand_augment import batch_generator
+    return BatchRandom(batch_generator(device, seed, epoch, rank, batch),
+                       np.random.default_rng([seed, epoch, rank, batch]))
 
 
 def jitter_steps():
@@ -58,8 +80,8 @@ def keep_where(gate: torch.Tensor, changed: torch.Tensor, images: torch.Tensor) 
 
 
 class ColourAugment(nn.Module):
-    """float B x 3 x H x W in [0, 1] -> the same, colour-augmented per image, channels_last. The probabilities
-    are arguments so that a test can switch each operation on or off."""
+    """float B x 3 x H x W in [0, 1] -> the same, colour-augmented per image, channels_last, drawn from the
+    BatchRandom it is given. The probabilities are arguments so that a test can switch each operation on or off."""
 
     def __init__(self, image_size: int, *, jitter_p: float = TWO_VIEWS.jitter_p, gray_p: float = TWO_VIEWS.gray_p,
                  blur_p: float = TWO_VIEWS.blur_p):
@@ -69,9 +91,10 @@ class ColourAugment(nn.Module):
         self.steps = jitter_steps()
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        draws = torch.rand(DRAWS, images.shape[0], device=images.device)
-        order = torch.randperm(len(self.steps)).tolist()  # a CPU draw: no device work
+    def forward(self, images: torch.Tensor, random: BatchRandom) -> torch.Tensor:
+        """`random.device` is a generator on the images' device (batch_random); each call moves both on."""
+        draws = torch.rand(DRAWS, images.shape[0], device=images.device, generator=random.device)
+        order = random.host.permutation(len(self.steps)).tolist()
         return self.augment(images, draws, order)
 
     def augment(self, images: torch.Tensor, draws: torch.Tensor, order: list[int]) -> torch.Tensor:

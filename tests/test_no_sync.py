@@ -197,13 +197,14 @@ def coloured_batch(n=8, size=32, seed=0):
 
 @pytest.mark.parametrize("p", [None, 1.0], ids=["default p", "p=1"])
 def test_colour_augment_makes_no_host_tensor(p):
-    from pipelines.device_augment import ColourAugment
+    """Its generators included: the loader makes a batch's (batch_random) per batch."""
+    from pipelines.device_augment import ColourAugment, batch_random
     augment = ColourAugment(32) if p is None else ColourAugment(32, jitter_p=p, gray_p=p, blur_p=p)
     images = coloured_batch()
-    augment(images)
+    augment(images, batch_random(CPU, 0, 0, 0, 0))
     with host_tensors() as calls:
-        for _ in range(3):
-            augment(images)
+        for batch in range(1, 4):
+            augment(images, batch_random(CPU, 0, 0, 0, batch))
     assert calls == []
 
 
@@ -212,11 +213,11 @@ def test_colour_augment_reads_nothing_back_from_its_device(p):
     """On the meta device every read of a tensor's values raises (`.item()`, `.tolist()`, `bool()`): those are
     the reads that wait for the GPU on a CUDA batch. Built as the ffcv loader builds it, moved to the batch's
     device."""
-    from pipelines.device_augment import ColourAugment
+    from pipelines.device_augment import ColourAugment, batch_random
     augment = ColourAugment(32) if p is None else ColourAugment(32, jitter_p=p, gray_p=p, blur_p=p)
     augment = augment.to("meta")
     images = torch.empty(8, 3, 32, 32, device="meta").contiguous(memory_format=torch.channels_last)
-    out = augment(images)
+    out = augment(images, batch_random(CPU, 0, 0, 0, 0))  # meta has no generator; torch.rand takes the CPU's
     assert out.device.type == "meta" and out.shape == images.shape
     assert out.is_contiguous(memory_format=torch.channels_last)
 

@@ -168,13 +168,70 @@ def sample_batch(n=8, size=32, seed=0):
     return (base + stripes).clamp(0, 1).expand(n, 3, size, size).contiguous(memory_format=torch.channels_last)
 
 
+def colour_random(rank=0, batch=0):
+    from pipelines.device_augment import batch_random
+    return batch_random(CPU, 0, 0, rank, batch)
+
+
 def test_device_augment_keeps_the_layout_and_range():
     from pipelines.device_augment import ColourAugment
     images = sample_batch()
-    out = ColourAugment(image_size=32)(images)
+    out = ColourAugment(image_size=32)(images, colour_random())
     assert out.shape == images.shape and out.dtype == torch.float32
     assert out.is_contiguous(memory_format=torch.channels_last)
     assert 0 <= out.min() and out.max() <= 1
+
+
+def test_colour_draws_are_each_ranks_own_and_repeat_at_a_position():
+    """The colour draws come from the batch's position (seed, epoch, rank, batch), not from torch's global
+    generator: the same position gives the same two views whatever that generator holds, another rank or another
+    batch gives other views (nearly every image: all three operations skipped has p 0.08 per draw), and the two
+    views of a batch draw apart."""
+    from pipelines.device_augment import ColourAugment
+    images = sample_batch(32)
+    augment = ColourAugment(image_size=32)
+
+    def views(rank, batch, global_seed=0):
+        torch.manual_seed(global_seed)  # what the trainer does per step, alike on every rank
+        random = colour_random(rank, batch)
+        return torch.stack([augment(images, random), augment(images, random)])
+
+    def changed(a, b):  # per view and image
+        return (a - b).abs().amax(dim=(2, 3, 4)) > 1e-3
+    first = views(rank=0, batch=5)
+    assert torch.equal(views(rank=0, batch=5, global_seed=1), first)
+    assert changed(first[0:1], first[1:2]).float().mean() > 0.75
+    for other in (views(rank=1, batch=5), views(rank=0, batch=6)):
+        assert changed(other, first).float().mean() > 0.75
+
+
+def test_ffcv_draws_each_batchs_colours_from_its_position(two_view_run):
+    """The ffcv loader hands ColourAugment the generators of each batch's (seed, epoch, rank, batch), here for
+    rank 1 after a seek, one pair for both views of a batch (drawn from in turn). Its compiled FFCV Loader is the
+    module's (two_view_run), under an FfcvLoader built as `build` builds it."""
+    from pipelines.device_augment import batch_random
+    from pipelines.loaders.ffcv import FfcvLoader, stop
+    first, _ = two_view_run("ffcv")
+    if first.ahead is not None:  # its next epoch, decoded ahead: one decode thread per FFCV Loader
+        stop(first.ahead[1])
+        first.ahead = None
+    calls = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, images, random):
+            calls.append((random, random.device.initial_seed(), random.host.bit_generator.state))
+            return first.augment(images, random)
+    loader = FfcvLoader(first.loader, dtype=torch.float32, where=first.where, augment=Recording(), seed=7, rank=1)
+    start = len(loader) - 2
+    loader.set_epoch(2, start)
+    assert len(list(loader)) == 2 and len(calls) == 4
+    if loader.ahead is not None:
+        stop(loader.ahead[1])
+    for batch, (view_a, view_b) in zip(range(start, len(loader)), zip(calls[0::2], calls[1::2])):
+        expected = batch_random(CPU, 7, 2, 1, batch)
+        assert view_a[1] == expected.device.initial_seed()
+        assert view_a[2] == expected.host.bit_generator.state  # fresh: the first view draws first
+        assert view_b[0] is view_a[0]
 
 
 @pytest.mark.parametrize("op", ["jitter", "gray", "blur"])
@@ -185,8 +242,8 @@ def test_device_augment_applies_each_op(op):
     from pipelines.device_augment import ColourAugment
     images = sample_batch(32)
     off = dict(jitter_p=0.0, gray_p=0.0, blur_p=0.0)
-    assert torch.equal(ColourAugment(image_size=32, **off)(images), images)
-    out = ColourAugment(image_size=32, **(off | {f"{op}_p": 1.0}))(images)
+    assert torch.equal(ColourAugment(image_size=32, **off)(images, colour_random()), images)
+    out = ColourAugment(image_size=32, **(off | {f"{op}_p": 1.0}))(images, colour_random())
     if op == "jitter":
         assert ((out - images).abs().amax(dim=(1, 2, 3)) > 0.01).all()
     elif op == "gray":

@@ -35,11 +35,22 @@ before it (e.g. 243 ms against 156 ms), as without a ramp in the same conditions
 cost more: Loader(recompile=True) made 7 numba compilations at every epoch start, 10-15 s (75-95 x); one Loader
 per size costs 0.45 s to build and 16 s of compilation at its first batch (numba compiles a new Loader's
 pipeline afresh), at the size change when built lazily, or that much per size at the start when built upfront.
+
+Buffers: FFCV decodes into batches_ahead + 2 slots of buffers that it reuses, and copies each batch to the device
+without waiting for the copy on the host. SlotGuard keeps its decode thread off a slot until the device is done
+with the batch the slot held, and FfcvLoader.discard keeps an epoch's buffers until the device is done with them.
+
+Errors: a device out of memory (in the copy, RandAugment, the colour augmentation or normalize) is a
+DeviceOutOfMemory that names the settings to lower (errors.py); FFCV failing to open or read the .beton is a
+DatasetError that names it and says to convert again; any other error is raised as it was. FFCV decodes a damaged
+JPEG inside a .beton into wrong pixels without an error (libjpeg-turbo's status is not checked): that damage is
+tools/verify_dataset.py's to find, by its sha256.
 """
 from __future__ import annotations
 
 import functools
 import queue
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +60,7 @@ import torch
 from ..contract import (CROP_RATIO, CROP_SCALE, EVAL_CROP_FRACTION, RandAugment, Ramp, check_start_batch, normalize,
                        parse_options, rank_indices, require, train_size)
 from ..formats.manifest import RECONVERT, DatasetError
+from .errors import is_out_of_memory, out_of_memory
 from .prelude import BETON, prelude
 
 
@@ -138,6 +150,9 @@ class FfcvLoader:
         self.loader, self.dtype, self.where = loader, dtype, where
         self.order: SeekableOrder = loader.traversal_order  # what FFCV's Loader made of `order(loader)`
         self.augment = augment  # views=2: device_augment.ColourAugment, run on each view
+        if augment is not None:
+            from ..device_augment import batch_random  # its draws: per (seed, epoch, rank, batch)
+            self.colour_random = batch_random
         # The ramp: the RandomResizedCrop decoders whose output_size start() sets to each epoch's size.
         self.crops, self.image_size, self.ramp = crops, image_size, ramp
         self.rand_augment, self.seed, self.rank = rand_augment, seed, rank
@@ -147,6 +162,8 @@ class FfcvLoader:
         self.epoch, self.start_batch = 0, 0
         self.ahead = None  # (epoch, EpochIterator) of the next epoch, started before this one ended
         self.running = None  # the EpochIterator of the latest iteration
+        self.on_device = copies_to_device(loader)
+        self.retired = []  # (event, EpochIterator) of ended epochs whose buffers the device may still use (discard)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -155,39 +172,49 @@ class FfcvLoader:
         self.epoch, self.start_batch = epoch, check_start_batch(start_batch, len(self))
 
     def start(self, epoch: int, start_batch: int):
-        """A new EpochIterator (FFCV's decode thread) for `epoch` from `start_batch`."""
+        """A new EpochIterator (FFCV's decode thread) for `epoch` from `start_batch`, its slots guarded."""
         self.order.start_batch = start_batch
         if self.ramp is not None:  # read by the EpochIterator's allocation, made in its constructor (see build)
             size = train_size(self.image_size, self.ramp, epoch)
             for decoder in self.crops:
                 decoder.output_size = (size, size)
         self.loader.next_epoch = epoch  # FFCV would move on by itself; every loader repeats until set_epoch
-        return iter(self.loader)
+        try:
+            iterator = iter(self.loader)
+        except OSError as e:  # the .beton gone or unreadable since the build: FFCV maps it here
+            raise self.read_fault(e) from e
+        SlotGuard.install(iterator, on_device=self.on_device)
+        return iterator
+
+    def read_fault(self, error: OSError) -> DatasetError:
+        return DatasetError(f"FFCV could not read {self.where}: {type(error).__name__}: {error}; {RECONVERT}")
 
     def epoch_iterator(self):
         # An iteration left mid-epoch without being closed (a benchmark or trainer that moves on to another
         # epoch and drops the generator) still has its decode thread: stop it before another one starts. Two
         # EpochIterators decoding at once for one Loader stall each other (seen as a hang in FFCV's queues).
         if self.running is not None and self.running.is_alive():
-            stop(self.running)
+            self.discard(self.running)
         ahead, self.ahead = self.ahead, None
         if ahead is not None:
             epoch, iterator = ahead
             if (epoch, 0) == (self.epoch, self.start_batch):
                 return iterator
-            stop(iterator)
+            self.discard(iterator)
         return self.start(self.epoch, self.start_batch)
 
     def __iter__(self):
-        epoch, first, iterator = self.epoch, self.start_batch, self.epoch_iterator()
-        self.running = iterator
+        epoch, first, iterator = self.epoch, self.start_batch, None
         try:
-            for batch, (images, labels, *second_view) in enumerate(iterator, start=first):
-                if self.order.train and self.ahead is None and not iterator.is_alive():  # decoded: start the next
-                    self.ahead = epoch + 1, self.start(epoch + 1, 0)
+            iterator = self.running = self.epoch_iterator()
+            guard: SlotGuard = iterator.slot_guard
+            for index, (images, labels, *second_view) in enumerate(iterator):
+                batch = first + index
+                if self.order.train and self.ahead is None and not iterator.is_alive() and guard.error is None:
+                    self.ahead = epoch + 1, self.start(epoch + 1, 0)  # this epoch is decoded: start the next
                 follow_on_current_stream(iterator)
-                # FFCV reuses its output buffers batches_ahead batches later: normalize makes new images, and
-                # the labels are copied, so a batch the trainer keeps stays intact.
+                # What is yielded is new (normalize's output, the labels' copy): a batch the trainer keeps stays
+                # intact when FFCV reuses the slot it came in.
                 labels = labels.to(torch.int64, copy=True)
                 if not second_view:
                     if self.rand_augment is not None:  # uint8 in, a new uint8 tensor out, on the device
@@ -196,15 +223,114 @@ class FfcvLoader:
                             images.device, self.seed, epoch, self.rank, batch))
                     out = normalize(images, self.dtype), labels
                 else:  # uint8 -> [0, 1] float, colour-augmented, normalized: new tensors as well
-                    out = tuple(normalize(self.augment(view.float().div_(255)), self.dtype)
+                    random = self.colour_random(images.device, self.seed, epoch, self.rank, batch)
+                    out = tuple(normalize(self.augment(view.float().div_(255), random), self.dtype)
                                 for view in (images, *second_view)), labels
-                release_on_current_stream(iterator)
+                guard.release(index)  # every read of the slot's buffers is queued
                 yield out
-        except (ValueError, RuntimeError, OSError) as e:
-            raise DatasetError(f"FFCV could not read {self.where}: {e}; {RECONVERT}") from e
+            if guard.error is not None:  # FFCV's thread failed, and ended the epoch there
+                if isinstance(guard.error, OSError):
+                    raise self.read_fault(guard.error) from guard.error
+                raise guard.error
+        except Exception as error:
+            if is_out_of_memory(error):
+                raise out_of_memory(self.where, error, f"data.options.batches_ahead ({self.loader.batches_ahead})"
+                                    ) from error
+            raise
         finally:  # an epoch left early (a break, an error): its thread must not decode beside the next one
-            if iterator.is_alive():
-                stop(iterator)
+            if iterator is not None:
+                self.discard(iterator)
+
+    def discard(self, iterator) -> None:
+        """Ends an EpochIterator's thread if it still runs (stop), and keeps the iterator, and with it its
+        buffers, until the device has run everything queued on them so far. Freed, its buffers go back to
+        torch's caching allocators, which do not know of FFCV's copies (queued on FFCV's streams, from numpy
+        views of the pinned memory): a new allocation could otherwise be written while such a copy still reads
+        or writes it. No wait: an event marks that point, and the iterator is dropped at a later discard once
+        the event has completed."""
+        if iterator.is_alive():
+            stop(iterator)
+        if not self.on_device:  # on the CPU every read has run by the time the consumer moves on
+            return
+        current = torch.cuda.current_stream()
+        for stream in iterator.cuda_streams:  # with them the copies of batches decoded but never taken
+            current.wait_stream(stream)
+        done = torch.cuda.Event()
+        done.record(current)
+        self.retired = [(event, kept) for event, kept in self.retired if not event.query()] + [(done, iterator)]
+
+
+class SlotGuard:
+    """Keeps FFCV's decode thread off a buffer slot until the device is done with the batch the slot held, and
+    hands an error raised in that thread to the consumer.
+
+    FFCV's EpochIterator decodes batch b into slot b mod (batches_ahead + 2): its thread writes the slot's pinned
+    host buffers, then ToDevice queues a non-blocking copy from them into the slot's device buffers, on a CUDA
+    stream of the slot's. FFCV guards a slot on the device only: the next copy into it waits for an event
+    recorded on the consumer's stream. Nothing makes the host wait, so when the consumer's stream runs several
+    batches behind the host, the thread decodes batch b + slots into host buffers whose copy for batch b is
+    still queued, and that copy delivers the newer pixels.
+
+    Here the thread waits, before it decodes batch b + slots, for an event the consumer recorded once it had
+    queued its last read of batch b (release), on the stream it read on. That stream waited for b's copy before
+    reading (FFCV's __next__, follow_on_current_stream), so the event completes only after the copy out of the
+    host buffers and every read of the device buffers; the copy into the slot is queued after the wait.
+    The event always exists when the thread needs it: the thread decodes batch b + slots right after it has put
+    batch b + slots - 1 into its queue of batches_ahead batches, which has room only once the consumer has taken
+    batches 0 to b + 1, and the consumer takes b + 1 after it has released b (batches_ahead >= 1, parse()).
+    The wait is the loader thread's, not the training loop's, and when the device keeps up the event has long
+    completed; when it lags, FFCV's thread waits for it with one batch per slot decoded and not yet read."""
+
+    def __init__(self, slots: int, on_device: bool):
+        self.slots, self.on_device = slots, on_device
+        self.released: dict[int, torch.cuda.Event] = {}  # batch (0: the iterator's first) -> its release event
+        self.error: Exception | None = None  # what FFCV's thread raised; it ended the epoch there
+
+    @classmethod
+    def install(cls, iterator, *, on_device: bool) -> SlotGuard:
+        """Wraps `iterator.run_pipeline`, which FFCV's thread calls to decode each batch into its slot.
+
+        The thread starts in the iterator's constructor and may have begun its first batches already; the first
+        wait is due at batch `slots`, which the thread cannot reach before the consumer has taken two batches,
+        after this. An error raised while decoding a batch begun before this (at most the epoch's first ones)
+        ends the thread without reaching the consumer, as it does in FFCV itself."""
+        guard = iterator.slot_guard = cls(iterator.loader.batches_ahead + 2, on_device)
+        decode = weakref.WeakMethod(iterator.run_pipeline)  # weak: the iterator does not hold itself in a cycle
+
+        def run_pipeline(b_ix, batch_indices, batch_slot, cuda_event):
+            try:
+                guard.wait_for_slot(b_ix)
+                return decode()(b_ix, batch_indices, batch_slot, cuda_event)
+            except StopIteration:
+                raise
+            except Exception as error:
+                guard.error = error
+                raise StopIteration from error  # FFCV's thread ends the epoch; FfcvLoader.__iter__ raises the error
+        iterator.run_pipeline = run_pipeline
+        return guard
+
+    def wait_for_slot(self, batch: int) -> None:
+        """In FFCV's thread, before it decodes `batch` into slot batch mod slots."""
+        if self.on_device and batch >= self.slots:
+            event = self.released.pop(batch - self.slots, None)
+            if event is None:  # never taken: stop() drained it from the queue, and the epoch is over
+                raise StopIteration
+            event.synchronize()  # on the host: a copy out of the slot may still be queued
+
+    def release(self, batch: int) -> None:
+        """In the consumer, once every read of `batch`'s buffers is queued, on the current stream."""
+        if self.on_device:
+            event = torch.cuda.Event(blocking=True)  # the thread waiting for it sleeps instead of spinning
+            event.record()
+            self.released[batch] = event
+
+
+def copies_to_device(loader) -> bool:
+    """Whether an FFCV Loader's pipelines end on a CUDA device (ToDevice), so that its batches are copied from
+    pinned host buffers with copies the host does not wait for."""
+    from ffcv.transforms import ToDevice
+    return any(isinstance(op, ToDevice) and torch.device(op.device).type == "cuda"
+               for spec in loader.pipeline_specs.values() for op in spec.transforms)
 
 
 def stop(iterator) -> None:
@@ -235,16 +361,6 @@ def follow_on_current_stream(iterator) -> None:
         current.wait_stream(iterator.current_stream)
 
 
-def release_on_current_stream(iterator) -> None:
-    """FFCV reuses a batch's buffers once the work queued on `iterator.current_stream` at a later batch has
-    run; reads queued on another stream join that stream's queue here, so the reuse waits for them too."""
-    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
-        return
-    current = torch.cuda.current_stream()
-    if current != iterator.current_stream:
-        iterator.current_stream.wait_stream(current)
-
-
 def _register_order() -> None:
     """FFCV accepts an order that is an instance of its TraversalOrder; SeekableOrder is one by registration
     (it needs none of the base class's state, which FFCV fills from the loader it is called with)."""
@@ -256,6 +372,8 @@ def parse(options: dict | None) -> FfcvOptions:
     """The FfcvOptions of `options`; ValueError for an unknown or ill-typed one, LoaderUnavailable without FFCV."""
     require("ffcv", "ffcv", "ffcv")
     opts = parse_options(FfcvOptions, "ffcv", options)
+    if opts.batches_ahead < 1:  # 0 would make FFCV's queue unbounded: its thread would overwrite untaken batches
+        raise ValueError(f"option 'batches_ahead' of the 'ffcv' loader must be at least 1, got {opts.batches_ahead}")
     if opts.order not in ("random", "quasi_random"):
         raise ValueError(f"option 'order' of the 'ffcv' loader must be 'random' or 'quasi_random', got {opts.order!r}")
     return opts
