@@ -1,6 +1,11 @@
 """The dali loader's index reader (loaders/dali_source.py, the indexed_* graphs): torchvision's crop semantics drawn on
-the host, the graph cutting exactly the host's windows, one pipeline across epochs, and seeking."""
+the host, the graph cutting exactly the host's windows, one pipeline across epochs, seeking, and the source's
+read-ahead threads (the same batches, made off the training thread)."""
+import gc
 import io
+import os
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,7 +18,7 @@ pytest.importorskip("nvidia.dali")
 from pipelines import build_loader  # noqa: E402
 from pipelines.loaders import dali_source  # noqa: E402
 from pipelines.contract import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from pipelines.formats.manifest import dali_shards, load_manifest  # noqa: E402
+from pipelines.formats.manifest import DatasetError, dali_shards, load_manifest  # noqa: E402
 
 CPU = torch.device("cpu")
 SIZE, BATCH = 64, 16
@@ -166,3 +171,187 @@ def test_jpeg_size_reads_the_frame_header(converted):
     assert [dali_source.jpeg_size(b) for b in blobs] == [Image.open(io.BytesIO(b)).size for b in blobs]
     assert dali_source.jpeg_size(b"\x89PNG\r\n\x1a\n" + bytes(40)) is None
     assert dali_source.jpeg_size(jpeg((10, 10))[:20]) is None  # cut before its frame header
+
+
+# --- the source's read-ahead (DaliOptions.feed_ahead, dali_source.FeedAhead) -----------------------------------
+
+def on_threads(monkeypatch):
+    """Records the thread that makes each batch of every IndexedSource: (position, thread name)."""
+    made = []
+    make = dali_source.IndexedSource.batch
+
+    def recording(self, position):
+        made.append((position, threading.current_thread().name))
+        return make(self, position)
+    monkeypatch.setattr(dali_source.IndexedSource, "batch", recording)
+    return made
+
+
+@pytest.mark.parametrize("ahead", [0, 3])
+def test_read_ahead_yields_the_same_batches_off_the_training_thread(converted, monkeypatch, ahead):
+    """feed_ahead 3 against 0 (each batch made when DALI asks, inside next()): the same pixels and labels across
+    an epoch boundary and after a seek; with read-ahead no batch is made on the thread that iterates, and seeks
+    reuse the source's threads (none started per pipeline)."""
+    made = on_threads(monkeypatch)
+    inline = dali(converted[0], options={"feed_ahead": 0})
+    want = epoch(inline, 0) + epoch(inline, 1) + epoch(inline, 1, 4)
+    made.clear()
+    batches = dali(converted[0], options={"feed_ahead": ahead})
+    got = epoch(batches, 0) + epoch(batches, 1) + epoch(batches, 1, 4)
+    assert len(got) == len(want) == 2 * len(batches) + len(batches) - 4
+    for (a, la), (b, lb) in zip(want, got):
+        assert torch.equal(a, b) and torch.equal(la, lb)
+    threads = {name for _, name in made}
+    if ahead:
+        assert threading.current_thread().name not in threads
+        assert len(threads) <= ahead and all(name.startswith("dali-feed-ahead") for name in threads)
+    else:
+        assert threads == {threading.current_thread().name}
+
+
+def test_read_ahead_makes_the_next_positions_on_its_threads_and_raises_where_asked():
+    """Asked for position p, FeedAhead has p + 1 .. p + ahead under way on its own threads; asked elsewhere (a
+    new pipeline at a seek), it drops the rest; an error making a position is raised when that one is asked for."""
+    def make(position):
+        if position == 7:
+            raise DatasetError("sample 7 is damaged")
+        return position, threading.current_thread().name
+    ahead = dali_source.FeedAhead(2)
+    position, thread = ahead(0, make)
+    assert position == 0 and thread.startswith("dali-feed-ahead")
+    assert sorted(ahead._pending) == [1, 2]
+    assert ahead(1, make)[0] == 1 and sorted(ahead._pending) == [2, 3]
+    assert ahead(6, make)[0] == 6 and sorted(ahead._pending) == [7, 8]  # 2 and 3 dropped
+    with pytest.raises(DatasetError, match="sample 7"):
+        ahead(7, make)
+    assert ahead(7, lambda p: (p,)) == (7,)  # asked again (a new pipeline there): made again
+    with pytest.raises(ValueError, match="ahead must be 0"):
+        dali_source.IndexedSource([], None, views=1, ahead=-1)
+
+
+def open_descriptors(directory) -> int:
+    """This process's open descriptors of files in `directory`."""
+    found = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found += os.readlink(f"/proc/self/fd/{fd}").startswith(str(directory))
+        except OSError:  # the listing's own descriptor, closed since
+            pass
+    return found
+
+
+def test_shard_files_serve_many_threads_and_close_their_descriptors(converted):
+    """16 threads reading every sample at once through at most 2 descriptors each (each thread closing its own
+    least recently used ones): the bytes the single-threaded reader gives; every descriptor closed with the
+    source."""
+    from pipelines.formats.webdataset import ShardReader
+    out = converted[0]
+    shards = dali_shards(out, load_manifest(out), "train")
+    reader = ShardReader(shards)
+    want = [reader.read(i)[0] for i in range(len(reader))]
+    gc.collect()
+    before = open_descriptors(shards[0][0].parent)
+    files = dali_source.ShardFiles(reader.tars, threads=16)
+    files.per_thread = 2
+    errors, got = [], [None] * len(want)
+
+    def read(offset):
+        try:
+            for i in range(offset, len(want), 16):
+                shard, at, size, _ = (int(v) for v in reader.rows[i])
+                got[i] = files.pread(shard, at, size)
+        except BaseException as e:
+            errors.append(e)
+    threads = [threading.Thread(target=read, args=(k,)) for k in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and got == want
+    assert open_descriptors(shards[0][0].parent) > before
+    del files
+    gc.collect()
+    assert open_descriptors(shards[0][0].parent) == before
+    with pytest.raises(OSError, match="truncated"):
+        dali_source.ShardFiles(reader.tars, threads=1).pread(0, reader.rows[0][1], 10**9)
+
+
+def test_an_epoch_order_is_drawn_once_for_all_threads(monkeypatch):
+    """Eight threads asking for epoch 3's order at once: one permutation drawn, the same array for all; the two
+    latest epochs kept."""
+    drawn = []
+
+    def slow(n, **kw):
+        drawn.append(kw["epoch"])
+        time.sleep(0.2)
+        return np.arange(n) + kw["epoch"]
+    monkeypatch.setattr(dali_source, "rank_indices", slow)
+    plan = dali_source.Plan(samples=10, batch_size=2, batches=5, train=True, seed=0, rank=0, world_size=1)
+    orders = dali_source.EpochOrders(plan)
+    got = [None] * 8
+    threads = [threading.Thread(target=lambda k=k: got.__setitem__(k, orders(3))) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert drawn == [3] and all(g is got[0] for g in got) and got[0][0] == 3
+    orders(4), orders(5), orders(4)
+    assert drawn == [3, 4, 5]
+    orders(3)
+    assert drawn == [3, 4, 5, 3]
+
+
+# --- handing DALI's buffers to torch (dali.Handoff) -------------------------------------------------------------
+
+class FakeEvent:
+    """torch.cuda.Event as Handoff uses it, on the CPU: `done` holds the events whose stream has reached them."""
+    done, made = set(), []
+
+    def __init__(self):
+        self.waited = False
+        FakeEvent.made.append(self)
+
+    def record(self, stream):
+        pass
+
+    def query(self):
+        return self in FakeEvent.done or self.waited
+
+    def synchronize(self):
+        self.waited = True
+
+
+def test_dali_outputs_are_kept_until_the_copies_that_read_them_have_run(monkeypatch):
+    """A batch's DALI outputs are let go only once the event after its copies has completed (checked without
+    waiting, in order); the host waits for one only beyond HELD_BATCHES held, and for all when the pipeline goes.
+    On the CPU nothing is held, and an fp32 batch is DALI's buffer itself (no queue can outlive it)."""
+    from pipelines.loaders import dali as module
+    monkeypatch.setattr(FakeEvent, "done", set())
+    monkeypatch.setattr(FakeEvent, "made", [])
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    handoff = module.Handoff(torch.float32)
+    gpu = SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))
+    outputs = [{"images": gpu, "labels": gpu, "batch": k} for k in range(module.HELD_BATCHES + 4)]
+
+    def held():
+        return [out["batch"] for _, out in handoff._held]
+    for out in outputs[:3]:
+        handoff.keep(out)
+    assert held() == [0, 1, 2]  # no copy has run yet
+    FakeEvent.done |= {FakeEvent.made[0], FakeEvent.made[2]}
+    handoff.keep(outputs[3])
+    assert held() == [1, 2, 3]  # batch 0 let go; batch 2 waits behind batch 1
+    for out in outputs[4:]:
+        handoff.keep(out)
+    assert len(held()) == module.HELD_BATCHES and held()[-1] == len(outputs) - 1
+    assert [e.waited for e in FakeEvent.made[:4]] == [False, True, False, True]  # waited for beyond the bound only
+    handoff.clear()
+    assert held() == [] and all(e.query() for e in FakeEvent.made)
+
+    cpu = {"images": torch.zeros(2, 4, 4, 3), "labels": torch.zeros(2, 1, dtype=torch.int32)}
+    images = handoff.images(cpu["images"])
+    assert images.data_ptr() == cpu["images"].data_ptr() and images.is_contiguous(memory_format=torch.channels_last)
+    handoff.keep(cpu)
+    assert held() == []
+    assert module.Handoff(torch.bfloat16).images(cpu["images"]).dtype == torch.bfloat16

@@ -8,7 +8,8 @@ Two ways in (DaliOptions.reader):
   The graph has no random operator, so a batch depends only on its position: the loader can seek and run on
   across epochs (`indexed_*` definitions).
 - "webdataset": DALI's webdataset reader, sequential reads with a shuffle buffer, for storage where random
-  access is slow; every random operator draws from the pipeline's seed (loaders/dali.py: seed, epoch).
+  access is slow; the reader's shuffle draws from its own seed (seed, epoch), the same on every rank, and every
+  random operator of the augmentation from the pipeline's (seed, epoch, rank): loaders/dali.py.
 
 The same definition runs on the GPU (decode on `mixed`: nvJPEG plus the H100's hardware JPEG decoder; resize,
 flip and normalize on `gpu`) and, with `device_id=None`, on CPU operators, so the tests run the real graph.
@@ -64,23 +65,36 @@ class DaliOptions:
     # DALI's own default is 0.65; benchmarks/loaders.py --dali-hw-load sweeps it.
     hw_decoder_load: float = 0.65
     # nvJPEG grows its buffers when a larger image arrives, which stalls the pipeline. Pre-sizing them for the
-    # largest stored image avoids that; 0 means: take it from the manifest's --max-resolution.
+    # largest stored image avoids that; 0 means: the split's largest stored side, from the manifest
+    # (loaders/dali.py's preallocate_side).
     preallocate_side: int = 0
     device_memory_padding: int = 211_025_920  # bytes of headroom per decoder buffer, DALI's ResNet-50 example
     host_memory_padding: int = 140_544_512
     read_ahead: bool = False  # ask the kernel to prefetch whole shards (helps on network file systems)
     dont_use_mmap: bool = False  # read with pread instead of mmap (some network file systems prefer it)
+    # Index reader: batches its source makes ahead, on as many threads of its own (reads, JPEG headers, draws),
+    # so that the thread that trains only picks them up; 0 makes each one on the thread that trains, inside
+    # next() (dali_source.FeedAhead; benchmarks/dali_feed.py compares the two).
+    feed_ahead: int = 4
 
 
-def _read(shards: list[tuple[Path, Path]], *, train: bool, shard_id: int, num_shards: int, options: DaliOptions):
-    """(jpeg bytes, int32 label) per sample. Train shuffles within a buffer; eval pads the last batch of a
-    shard (the iterator drops the padding, so no sample counts twice)."""
+# The options that only one reader reads: given with the other reader, they would do nothing (loaders/dali.py's
+# parse() refuses them).
+READER_ONLY = {"shuffle_buffer": "webdataset", "read_ahead": "webdataset", "dont_use_mmap": "webdataset",
+               "feed_ahead": "index"}
+
+
+def _read(shards: list[tuple[Path, Path]], *, train: bool, shard_id: int, num_shards: int, options: DaliOptions,
+          reader_seed: int):
+    """(jpeg bytes, int32 label) per sample. Train shuffles within a buffer, seeded by `reader_seed` and not by the
+    pipeline's seed, so that the sample order stays the same on every rank while the augmentation's draws differ;
+    eval pads the last batch of a shard (the iterator drops the padding, so no sample counts twice)."""
     jpegs, labels = fn.readers.webdataset(
         name=READER, paths=[str(tar) for tar, _ in shards], index_paths=[str(idx) for _, idx in shards],
         ext=["jpg", "label.i32"], dtypes=[types.UINT8, types.INT32], missing_component_behavior="error",
         shard_id=shard_id, num_shards=num_shards, stick_to_shard=not train, pad_last_batch=not train,
         random_shuffle=train, initial_fill=options.shuffle_buffer,
-        read_ahead=options.read_ahead, dont_use_mmap=options.dont_use_mmap)
+        read_ahead=options.read_ahead, dont_use_mmap=options.dont_use_mmap, seed=reader_seed)
     return jpegs, labels
 
 
@@ -245,10 +259,12 @@ def _random_draws(spec: RandAugment) -> list:
 
 @pipeline_def(enable_conditionals=False)  # loaders/dali.py turns conditionals on with RandAugment
 def train_pipeline(shards, *, image_size: int, gpu: bool, half: bool, shard_id: int, num_shards: int,
-                   options: DaliOptions, preallocate_side: int, rand_augment: RandAugment | None = None):
+                   reader_seed: int, options: DaliOptions, preallocate_side: int,
+                   rand_augment: RandAugment | None = None):
     """Random-resized-crop fused into the decode (only the crop's pixels are decoded), resize, RandAugment (when
     given), coin-flip mirror."""
-    jpegs, labels = _read(shards, train=True, shard_id=shard_id, num_shards=num_shards, options=options)
+    jpegs, labels = _read(shards, train=True, shard_id=shard_id, num_shards=num_shards, options=options,
+                           reader_seed=reader_seed)
     images = fn.decoders.image_random_crop(
         jpegs, output_type=types.RGB, random_area=list(CROP_SCALE), random_aspect_ratio=list(CROP_RATIO),
         num_attempts=10, **_decoder_args(gpu, options, preallocate_side))
@@ -263,9 +279,10 @@ def train_pipeline(shards, *, image_size: int, gpu: bool, half: bool, shard_id: 
 
 @pipeline_def(enable_conditionals=False)
 def eval_pipeline(shards, *, image_size: int, gpu: bool, half: bool, shard_id: int, num_shards: int,
-                  options: DaliOptions, preallocate_side: int):
+                  reader_seed: int, options: DaliOptions, preallocate_side: int):
     """Resize the shorter side to image_size / 0.875, then center-crop, as torchvision's eval transform."""
-    jpegs, labels = _read(shards, train=False, shard_id=shard_id, num_shards=num_shards, options=options)
+    jpegs, labels = _read(shards, train=False, shard_id=shard_id, num_shards=num_shards, options=options,
+                           reader_seed=reader_seed)
     images = fn.decoders.image(jpegs, output_type=types.RGB, **_decoder_args(gpu, options, preallocate_side))
     images = fn.resize(images, device="gpu" if gpu else "cpu", resize_shorter=eval_resize(image_size),
                        interp_type=types.INTERP_LINEAR, antialias=True)
@@ -275,10 +292,11 @@ def eval_pipeline(shards, *, image_size: int, gpu: bool, half: bool, shard_id: i
 
 @pipeline_def(enable_conditionals=True)  # the blur runs only on the views that draw it (an `if` per sample)
 def two_view_pipeline(shards, *, image_size: int, gpu: bool, half: bool, shard_id: int, num_shards: int,
-                      options: DaliOptions, preallocate_side: int):
+                      reader_seed: int, options: DaliOptions, preallocate_side: int):
     """Two SimCLR views per sample. The image is decoded once, whole: image_random_crop's fused decode would
     decode it twice, once per crop."""
-    jpegs, labels = _read(shards, train=True, shard_id=shard_id, num_shards=num_shards, options=options)
+    jpegs, labels = _read(shards, train=True, shard_id=shard_id, num_shards=num_shards, options=options,
+                           reader_seed=reader_seed)
     images = fn.decoders.image(jpegs, output_type=types.RGB, **_decoder_args(gpu, options, preallocate_side))
     first, second = (_simclr_view(images, image_size=image_size, gpu=gpu, half=half) for _ in range(2))
     return first, second, labels.gpu() if gpu else labels

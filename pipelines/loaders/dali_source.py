@@ -15,20 +15,35 @@ reader has neither property: its shuffle buffer's state depends on everything re
 Cost on the host, per sample: one pread (the JPEG, its class and label members are adjacent in the tar: one read
 covers all three), a JPEG header parse the first time a sample is seen (its size, kept for later epochs; the
 crop needs it), and a share of the batch's vectorized draws.
+
+Where that cost is paid: DALI calls its external source from the iterator's next(), on the thread that trains,
+for the batch `prefetch_queue_depth` ahead. With `ahead` > 0 (DaliOptions.feed_ahead) the source only hands over
+a batch that a pool of `ahead` threads (FeedAhead) made while the trainer worked, and has them start the next
+ones: the preads (os.pread releases the GIL, so a page-cache miss stalls a pool thread, not training) and the
+draws run off the training thread. Threads rather than DALI's parallel external source (worker processes): the
+pool starts once with the source and serves every pipeline built on it, so a seek costs no process start; it
+shares the process's memory instead of one interpreter per worker that imports torch; and it needs no fork,
+which a process that has initialized CUDA must not do. What stays on the GIL is the Python share of each read
+and draw, which the threads interleave with training (benchmarks/dali_feed.py measures both ways).
 """
 from __future__ import annotations
 
 import io
+import os
+import resource
 import struct
+import threading
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from ..contract import (CROP_RATIO, CROP_SCALE, RAND_AUGMENT_MAX, RAND_AUGMENT_OPS, RAND_AUGMENT_P, TWO_VIEWS,
                        RandAugment, Ramp, rank_indices)
-from ..formats.files import pread_exact
 from ..formats.manifest import RECONVERT, DatasetError
 from ..formats.webdataset import ShardReader
 
@@ -148,40 +163,144 @@ class Plan:
     world_size: int
 
 
+class ShardFiles:
+    """pread access to the shards for any number of threads. Each thread keeps descriptors of its own (at most
+    `per_thread`, the least recently used closed first), so that no thread closes a descriptor another one is
+    reading from; formats.files.pread_exact shares one table and is for one thread at a time. The source takes an
+    eighth of the process's open-file limit: ImageNet has ~1,300 shards and a usual limit is 1,024."""
+
+    def __init__(self, tars: list[str], threads: int):
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        budget = len(tars) * threads if soft == resource.RLIM_INFINITY else max(64, soft // 8)
+        self.tars, self.per_thread = tars, max(8, min(len(tars), budget // max(1, threads)))
+        self._local, self._tables = threading.local(), []
+        # Closed when the source goes: no thread can be reading then, since a running read holds the source.
+        weakref.finalize(self, _close_all, self._tables)
+
+    def pread(self, shard: int, offset: int, size: int) -> bytes:
+        """`size` bytes at `offset` of shard `shard`; OSError for a short read (a truncated file)."""
+        table = getattr(self._local, "fds", None)
+        if table is None:
+            table = self._local.fds = {}
+            self._tables.append(table)
+        fd = table.pop(shard, None)
+        if fd is None:
+            if len(table) >= self.per_thread:
+                os.close(table.pop(next(iter(table))))
+            fd = os.open(self.tars[shard], os.O_RDONLY)
+        table[shard] = fd  # (re)inserted last: dicts keep insertion order
+        data = os.pread(fd, size, offset)
+        if len(data) != size:
+            raise OSError(f"{self.tars[shard]} ends inside a member ({len(data)} of {size} bytes at offset "
+                          f"{offset}); the file is truncated")
+        return data
+
+
+def _close_all(tables: list[dict]) -> None:
+    for table in tables:
+        while table:
+            os.close(table.popitem()[1])
+
+
+class EpochOrders:
+    """This rank's sample order of each epoch (contract.rank_indices), drawn once for all the threads that ask:
+    a permutation of ImageNet's train set takes a good part of a second, so two threads starting an epoch must not
+    both draw it, and the threads still reading the previous epoch must not wait for it. Keeps two epochs."""
+
+    def __init__(self, plan: Plan):
+        self.plan, self._lock, self._orders = plan, threading.Lock(), {}
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        with self._lock:
+            order = self._orders.get(epoch)
+            draw = order is None
+            if draw:
+                order = self._orders[epoch] = Future()
+                while len(self._orders) > 2:
+                    del self._orders[next(iter(self._orders))]
+        if draw:
+            plan = self.plan
+            try:
+                order.set_result(rank_indices(plan.samples, rank=plan.rank, world_size=plan.world_size,
+                                              train=plan.train, seed=plan.seed, epoch=epoch))
+            except BaseException as e:
+                order.set_exception(e)
+                with self._lock:
+                    self._orders.pop(epoch, None)
+        return order.result()
+
+
+class FeedAhead:
+    """Runs make(position) for the `ahead` positions after each one asked for, on `ahead` threads, so that the
+    thread asking (DALI's, inside next(): the thread that trains) finds its batch made. A pipeline asks for
+    consecutive positions; one built elsewhere (a seek) asks for a position that was not read ahead: what was is
+    dropped and the same threads go on from there, so a seek costs no more than a start. An exception raised by
+    make(position) is raised when that position is asked for."""
+
+    def __init__(self, ahead: int):
+        self.ahead = ahead
+        self._pool = ThreadPoolExecutor(ahead, thread_name_prefix="dali-feed-ahead")
+        self._pending: dict[int, Future] = {}
+        weakref.finalize(self, self._pool.shutdown, wait=False, cancel_futures=True)
+
+    def __call__(self, position: int, make: Callable[[int], tuple]) -> tuple:
+        # `make` comes with each call rather than once: a stored bound method would make the source and this
+        # object a reference cycle, and the threads would outlive the loader until a garbage collection
+        wanted = range(position, position + self.ahead + 1)
+        for stale in [p for p in self._pending if p not in wanted]:
+            self._pending.pop(stale).cancel()
+        for p in wanted:  # in order: the pool takes its queue first in, first out
+            if p not in self._pending:
+                self._pending[p] = self._pool.submit(make, p)
+        return self._pending.pop(position).result()
+
+
 class IndexedSource:
     """DALI's external source (batch mode, batch_info=True): BatchInfo.iteration i is position start + i, where
     `start` is set by the loader before it builds a pipeline on this source. Called from the thread that runs
     the pipeline, in order; it never ends (the loader counts the batches). One source serves every pipeline the
-    loader builds, so the index is parsed once and the image sizes it has seen are kept.
+    loader builds, so the index is parsed once, the image sizes it has seen are kept and its read-ahead threads
+    start once.
+
+    `ahead` (DaliOptions.feed_ahead): batches made ahead on that many threads (FeedAhead); 0 makes each batch when
+    DALI asks for it, on the thread that calls the pipeline. Either way batch(position) is a pure function of the
+    position, so both yield the same batches.
 
     Train, views=1: with a `ramp`, output "size" holds the epoch's side per sample, [side, side] (fn.resize's
     `size`), so the running pipeline changes resolution at an epoch boundary; with `rand_augment`, output
     "rand_augment" holds rand_augment_draws' layers x 3 per sample."""
 
     def __init__(self, shards: list[tuple[Path, Path]], plan: Plan, *, views: int,
-                 rand_augment: RandAugment | None = None, ramp: Ramp | None = None):
+                 rand_augment: RandAugment | None = None, ramp: Ramp | None = None, ahead: int = 0):
         if (rand_augment is not None or ramp is not None) and (views != 1 or not plan.train):
             raise ValueError("rand_augment and ramp are for train pipelines with views=1")
+        if ahead < 0:
+            raise ValueError(f"ahead must be 0 (on the calling thread) or more batches, got {ahead}")
         self.reader = ShardReader(shards)
+        self.files = ShardFiles(self.reader.tars, threads=max(1, ahead))
         self.plan, self.views, self.start = plan, views, 0
         self.rand_augment, self.ramp = rand_augment, ramp
         self.outputs = TWO_VIEW_OUTPUTS if views == 2 else TRAIN_OUTPUTS if plan.train else EVAL_OUTPUTS
         self.outputs += ("size",) * (ramp is not None) + ("rand_augment",) * (rand_augment is not None)
-        self.sizes = np.full((len(self.reader), 2), -1, dtype=np.int64)  # (width, height), -1: not seen yet
-        self._order = (None, None)  # (epoch, this rank's indices): one permutation per epoch, not per batch
+        # (width, height), -1: not seen yet. Threads may write a row at once: the same values.
+        self.sizes = np.full((len(self.reader), 2), -1, dtype=np.int64)
+        self.orders = EpochOrders(plan)
+        self.feed_ahead = FeedAhead(ahead) if ahead else None
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(epoch, batch) of a position; eval reads one order every epoch, so its epoch is always 0."""
+        batches = self.plan.batches
+        return (position // batches, position % batches) if self.plan.train else (0, position % batches)
 
     def indices(self, epoch: int, batch: int) -> np.ndarray:
-        plan = self.plan
-        if self._order[0] != epoch:
-            self._order = (epoch, rank_indices(plan.samples, rank=plan.rank, world_size=plan.world_size,
-                                               train=plan.train, seed=plan.seed, epoch=epoch))
-        return self._order[1][batch * plan.batch_size:(batch + 1) * plan.batch_size]
+        size = self.plan.batch_size
+        return self.orders(epoch)[batch * size:(batch + 1) * size]
 
     def read(self, i: int) -> tuple[np.ndarray, int]:
         """Sample i's JPEG bytes and label, in one pread: the label member follows the JPEG in the tar."""
         shard, offset, size, label_offset = (int(v) for v in self.reader.rows[i])
         try:
-            blob = pread_exact(self.reader.tars[shard], offset, label_offset + 4 - offset)
+            blob = self.files.pread(shard, offset, label_offset + 4 - offset)
         except (OSError, ValueError) as e:
             raise DatasetError(f"{self.reader.where(i)}: {e}; {RECONVERT}") from None
         return np.frombuffer(blob, dtype=np.uint8, count=size), struct.unpack_from("<i", blob, label_offset - offset)[0]
@@ -197,10 +316,32 @@ class IndexedSource:
             self.sizes[i] = size
         return self.sizes[i]
 
+    def undecodable(self, position: int) -> list[str]:
+        """The samples of the batch at `position` that PIL cannot decode either, each as reader.where() names it
+        with PIL's reason: what a decoder error in that batch is blamed on. A full decode per sample, for the
+        error path only."""
+        found = []
+        for i in (int(i) for i in self.indices(*self.locate(position))):
+            try:
+                jpeg, _ = self.read(i)
+                with Image.open(io.BytesIO(jpeg.tobytes())) as image:
+                    image.load()
+            except DatasetError as e:  # a read that failed names the file itself
+                found.append(str(e))
+            except UnidentifiedImageError:
+                found.append(f"{self.reader.where(i)}: PIL does not recognize it as an image")
+            except Exception as e:  # whatever else PIL's decoder raises for bytes it cannot take
+                found.append(f"{self.reader.where(i)}: {e}")
+        return found
+
     def __call__(self, info) -> tuple:
-        plan = self.plan
         position = self.start + info.iteration
-        epoch, batch = (position // plan.batches, position % plan.batches) if plan.train else (0, position % plan.batches)
+        return self.feed_ahead(position, self.batch) if self.feed_ahead else self.batch(position)
+
+    def batch(self, position: int) -> tuple:
+        """The outputs of the batch at `position`, in self.outputs' order. Safe to call from several threads."""
+        plan = self.plan
+        epoch, batch = self.locate(position)
         indices = self.indices(epoch, batch)
         jpegs, labels = zip(*(self.read(int(i)) for i in indices))
         out = {"jpegs": list(jpegs), "labels": np.array(labels, dtype=np.int32).reshape(-1, 1)}
