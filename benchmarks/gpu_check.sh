@@ -9,18 +9,18 @@
 # Each part runs under its own time limit, in this order, and never past what is left of the 9-minute budget
 # (540 s). The required parts come first; their limits add up to 400 s, and one that cannot start for lack of
 # time is reported as not run, and the check fails:
-#   data      90 s  the gpu suite's 14,500 ImageNet-size JPEGs (3,000 generated, the rest linked to them),
+#   data      80 s  the gpu suite's 14,500 ImageNet-size JPEGs (3,000 generated, the rest linked to them),
 #                   converted full size and at 512 px
-#   smoke    150 s  benchmarks.smoke: the trainer end to end as a user runs it (training/run.py), deit_b16's recipe
+#   smoke    140 s  benchmarks.smoke: the trainer end to end as a user runs it (training/run.py), deit_b16's recipe
 #                   (RandAugment in the loader, mixup/cutmix, erasing, drop path, an EMA) at batch 128 with a
 #                   160 -> 224 px ramp, 2 epochs of the 512-px data (~200 steps) and one evaluation, stopped at
 #                   step 150 and --resumed to its end, through dali and then ffcv; it fails on any exception,
 #                   NaN, recompile storm or a resumed run that ends elsewhere, and records images/s and input
 #                   wait per size. Two cold ViT-B/16 compiles (the two sizes), the rest from inductor's cache.
-#   gpu-tests 40 s  tests/test_lagged_stream.py (each loader's batches checksummed with the consumer's stream
+#   gpu-tests 70 s  tests/test_lagged_stream.py (each loader's batches checksummed with the consumer's stream
 #                   lagged against unlagged: no buffer reused while a queued read waits) and the train step and
 #                   evaluation under torch.cuda.set_sync_debug_mode("error") for every objective and precision
-#   train    120 s  `benchmarks.run --suite gpu --only train`: ViT-B/16 bf16 compiled (default mode), batch 64,
+#   train    110 s  `benchmarks.run --suite gpu --only train`: ViT-B/16 bf16 compiled (default mode), batch 64,
 #                   synthetic input against each loader, with a profile splitting each step into input wait and
 #                   model time (one cold compile)
 # Then, only with time left (one skipped for time fails nothing), in this order:
@@ -122,11 +122,11 @@ else
   evaluation=()  # its defaults: vit_b16_seed, 40 batches of 64 and a smaller one, 3 passes
 fi
 
-step data 90 "${suite[@]}" --only data
-step smoke 150 "$py" -m benchmarks.smoke --data "$data" --work "$work/smoke" --results "$work/records" "${smoke[@]}"
-step gpu-tests 40 "$py" -m pytest -q -p no:cacheprovider tests/test_lagged_stream.py \
+step data 80 "${suite[@]}" --only data
+step smoke 140 "$py" -m benchmarks.smoke --data "$data" --work "$work/smoke" --results "$work/records" "${smoke[@]}"
+step gpu-tests 70 "$py" -m pytest -q -p no:cacheprovider tests/test_lagged_stream.py \
   "tests/test_no_sync.py::test_gpu_train_step_and_evaluation_do_not_sync"
-step train 120 "${suite[@]}" --only train
+step train 110 "${suite[@]}" --only train
 extra loaders 100 "${suite[@]}" --only loaders
 extra compile 80 "${train[@]}" --kinds synthetic --batch-size "$small" --compile-mode "${modes[@]}" --fused false true
 extra resolution 40 "${suite[@]}" --only resolution
