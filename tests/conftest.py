@@ -39,6 +39,11 @@ FAST = (
     "test_pipelines.py::test_eval_reads_every_sample_once_in_stored_order[val-torchvision]",
     "test_pipelines.py::test_unknown_kind_lists_the_kinds",
     "test_pipelines.py::test_bad_options_are_clear_errors",
+    # the loaders' errors (errors.py): what a fault, an out-of-memory and a bug each say; options a reader ignores
+    "test_dali_build.py::test_an_option_the_reader_ignores_is_refused_before_any_work",
+    "test_dali_errors.py::test_a_damaged_jpeg_is_a_dataset_error_naming_its_file",
+    "test_loader_errors.py::test_torchvision_device_side_faults",
+    "test_process_cleanup.py::test_a_killed_converter_leaves_nothing",
     "test_rand_augment.py",
     "test_no_sync.py::test_normalize_matches_the_formula",
     "test_no_sync.py::test_colour_augment_follows_torchvision",
@@ -56,6 +61,7 @@ FAST = (
     "test_ssl.py::test_a_linear_probe_keeps_the_backbone_in_eval_mode",
     "test_deit.py::test_mixed_targets_sum_to_one_and_match_the_mixed_pixels",
     "test_deit.py::test_erasing_is_per_image_at_its_probability_and_seeded_by_step",
+    "test_training.py::test_compiled_evaluation_builds_two_graphs_and_is_never_the_training_module",
     "test_training.py::test_checkpoint_loads_into_timm",
     "test_training.py::test_bad_config_is_an_error_that_names_it",
     "test_training.py::test_missing_data_is_a_clear_error",
@@ -77,6 +83,9 @@ FAST = (
     "test_train_bench.py::test_windows_never_cross_an_epoch",
     "test_train_bench.py::test_cpu_rows_have_no_peak_memory",
     "test_train_bench.py::test_a_record_carries_its_diff_and_the_gpu_fields",
+    "test_train_bench.py::test_evaluation_benchmark_times_both_models_and_projects_the_epoch",
+    "test_train_bench.py::test_the_smoke_check_names_every_way_a_run_goes_wrong",
+    "test_bench_dali_feed.py::test_the_feed_benchmark_records_inline_against_read_ahead_warm_and_cold",
     # the docs against the code
     "test_docs_match.py",
 )

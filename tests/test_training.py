@@ -157,14 +157,6 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(converted, 
     assert all(torch.isfinite(t).all() for t in saved["model"].values())
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
-    (["--set", "optim.lr=fast"], "optim.lr: expected float"),
-    (["--set", "train.epochs=2.5"], "train.epochs: expected int"),
-    (["--set", "data.loader=tfrecord"], "data.loader: 'tfrecord' is not one of"),
-    (["--set", "optim"], "not KEY=VALUE"),
-    (["--preset", "nope"], "unknown preset 'nope'"),
-])
 class FailingLoader(CountingLoader):
     """A train loader whose batch `at` raises `error`, as a loader's wrapper raises a data fault or an
     out-of-memory."""
@@ -203,6 +195,14 @@ def test_a_loader_error_mid_run_stops_with_its_message_and_keeps_the_checkpoint(
     assert checkpoint.load(run / "checkpoints" / "last.pt")["position"]["epoch"] == 1
 
 
+@pytest.mark.parametrize("extra,message", [
+    (["--set", "optim.lrr=1"], "unknown config key 'optim.lrr'"),
+    (["--set", "optim.lr=fast"], "optim.lr: expected float"),
+    (["--set", "train.epochs=2.5"], "train.epochs: expected int"),
+    (["--set", "data.loader=tfrecord"], "data.loader: 'tfrecord' is not one of"),
+    (["--set", "optim"], "not KEY=VALUE"),
+    (["--preset", "nope"], "unknown preset 'nope'"),
+])
 def test_bad_config_is_an_error_that_names_it(converted, tmp_path, capsys, extra, message):
     assert main(args(converted, tmp_path / "bad", *extra)) == 2
     assert message in " ".join(capsys.readouterr().err.split())
