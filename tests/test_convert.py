@@ -310,3 +310,55 @@ def test_out_that_is_a_file_and_bad_workers(clean_tree, tmp_path):
         convert(clean_tree[0], tmp_path / "f", ConvertSettings(), workers=1, console=quiet())
     with pytest.raises(ConvertError, match="--workers"):
         convert(clean_tree[0], tmp_path / "o", ConvertSettings(), workers=0, console=quiet())
+
+
+def test_a_jpeg_larger_than_a_page_is_stored_at_full_size(clean_tree, tmp_path):
+    """A full-size camera image can hold several MiB, more than the 2 MiB page a small split's .beton gets: the
+    page grows to hold the largest stored JPEG (FFCV's allocator cannot split a sample), where FFCV's worker used
+    to die on it and its writer to wait forever. In a subprocess with a deadline, so a hang fails the test."""
+    import numpy as np
+    from PIL import Image
+    tree = tmp_path / "tree"
+    shutil.copytree(clean_tree[0], tree)
+    noise = np.random.default_rng(0).integers(0, 256, (1500, 1800, 3), dtype=np.uint8)  # incompressible
+    big = tree / "train" / clean_tree[1][0] / "big.JPEG"
+    Image.fromarray(noise).save(big, "JPEG", quality=95)
+    assert big.stat().st_size > 1 << 21
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(ROOT / "tools/convert_imagenet.py"), str(tree), str(out),
+                           "--max-resolution", "0", "--workers", "2"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert verify(out) == []
+
+
+def test_a_beton_writer_process_that_dies_fails_the_write_instead_of_hanging(converted, tmp_path):
+    """One of FFCV's writer processes raises on a sample: the write ends with an error naming its exit code,
+    within seconds (FFCV's writer alone polls for the lost samples forever)."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from pipelines.formats import beton
+from pipelines.formats.manifest import dali_shards, load_manifest
+out = Path({str(converted[0])!r})
+real = beton._store_jpeg
+calls = [0]
+
+def failing(destination, value, malloc):
+    calls[0] += 1
+    if calls[0] == 5:
+        raise ValueError("a sample this writer cannot store")
+    real(destination, value, malloc)
+
+beton._store_jpeg = failing
+try:
+    beton.write_beton(dali_shards(out, load_manifest(out), "train"), Path({str(tmp_path / "x.beton")!r}), 1)
+except beton.WriterFailed as e:
+    print("FAILED:", e)
+    sys.exit(3)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "an FFCV writer process ended before writing its samples" in done.stdout
+    assert "a sample this writer cannot store" in done.stderr  # the worker's own error, above it
