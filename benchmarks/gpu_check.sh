@@ -24,6 +24,9 @@
 #                   synthetic input against each loader, with a profile splitting each step into input wait and
 #                   model time (one cold compile)
 # Then, only with time left (one skipped for time fails nothing), in this order:
+#   dali-feed 60 s  benchmarks.dali_feed: the time the training thread spends inside the dali loader's next() per
+#                   batch, the index reader's host work on that thread against on its read-ahead threads, from the
+#                   page cache and cold, and what the read-ahead costs in memory and start-up
 #   loaders  100 s  each loader alone at both stored sizes, and with two views: inside-epoch windows, epoch
 #                   boundaries and mid-epoch starts; at 512 px also RandAugment on against off
 #   compile   80 s  torch.compile's default mode against reduce-overhead (CUDA graphs), each with AdamW's default
@@ -110,6 +113,7 @@ if (( ${#dry[@]} )); then
   small=8 large=(--batch-size 4 --kinds synthetic)  # the suite's train part runs every loader
   smoke=(--preset tiny_cpu_deit --batch-size 8 --ramp-start 24 --stop-at 7 --log-every 2 --device cpu)
   evaluation=(--preset tiny_cpu --backend eager --batches 2 --repeats 1)
+  feed=(--feed-ahead 0 2 --batch-size 4 --image-size 32 --batches 3 --repeats 1 --starts 1 --step-ms 20 --device cpu)
 else
   data=$work/gpu/r512
   # windows of 30 steps inside one epoch; the 10 warm-up steps hold the compile (the first row of a model) or
@@ -120,6 +124,7 @@ else
   small=64 large=(--batch-size 256)  # every loader kind
   smoke=()  # its defaults: deit_b16 at batch 128, 160 -> 224 px, stopped at step 150 and resumed
   evaluation=()  # its defaults: vit_b16_seed, 40 batches of 64 and a smaller one, 3 passes
+  feed=(--device cuda --batch-size 64)
 fi
 
 step data 80 "${suite[@]}" --only data
@@ -127,6 +132,7 @@ step smoke 140 "$py" -m benchmarks.smoke --data "$data" --work "$work/smoke" --r
 step gpu-tests 70 "$py" -m pytest -q -p no:cacheprovider tests/test_lagged_stream.py \
   "tests/test_no_sync.py::test_gpu_train_step_and_evaluation_do_not_sync"
 step train 110 "${suite[@]}" --only train
+extra dali-feed 60 "$py" -m benchmarks.dali_feed --data "$data" --results "$work/records" "${feed[@]}"
 extra loaders 100 "${suite[@]}" --only loaders
 extra compile 80 "${train[@]}" --kinds synthetic --batch-size "$small" --compile-mode "${modes[@]}" --fused false true
 extra resolution 40 "${suite[@]}" --only resolution

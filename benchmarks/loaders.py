@@ -21,6 +21,9 @@ clock with the device synchronized at its edges (`sync`), each on an epoch of it
   holdout) at this batch size, from the figures above: batches x images per batch / (batches x interval +
   boundary).
 Ratios are taken against the torchvision baseline at the same worker count, from the same run.
+Beside the loaders, from one sample of 64 stored JPEGs: the decode ceiling (what one core decodes per second with
+PIL), and how hard the JPEGs are to decode against a real photo (benchmarks/jpeg_stats.py: bytes per pixel and
+decode ms per megapixel, `data_jpegs`), so that figures from generated data can be read against photos'.
 
 `--rand-augment SPEC` (timm's notation, DeiT's "rand-m9-mstd0.5-inc1"): each real loader's default configuration
 is also measured with RandAugment on (pipelines.build_loader's rand_augment), side by side with it off: both
@@ -49,7 +52,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import goals as goals_
-from benchmarks import record
+from benchmarks import jpeg_stats, record
 from benchmarks.record import record_path, summarize, write_record
 from benchmarks.report import EPOCH_HEADERS, epoch_columns, rand_augment_table
 from pipelines import KINDS, build_loader
@@ -80,18 +83,13 @@ def batch_images(batch) -> int:
     return sum(v.shape[0] for v in images) if isinstance(images, (tuple, list)) else images.shape[0]
 
 
-def decode_ceiling(data: Path, split: str, images: int = 200) -> dict:
+def decode_ceiling(blobs: list[bytes]) -> dict:
     """What one core decodes per second with PIL (libjpeg-turbo, as every loader here uses on the CPU) from
-    the same stored JPEGs, full decode to RGB, no augmentation. Times the cores, it bounds what any CPU
+    the stored JPEGs `blobs`, full decode to RGB, no augmentation. Times the cores, it bounds what any CPU
     loader can reach, so a loader near it is decode-bound and no pipeline change makes it much faster."""
     import io
 
     from PIL import Image
-
-    from pipelines.formats.manifest import dali_shards
-    from pipelines.formats.webdataset import ShardReader
-    reader = ShardReader(dali_shards(data, load_manifest(data), split))
-    blobs = [reader.read(i)[0] for i in range(min(images, len(reader)))]
     rates = []
     for _ in range(3):
         t0 = time.perf_counter()
@@ -336,7 +334,7 @@ def configurations(args, device: torch.device):
                     yield kind, workers, {"hw_decoder_load": load}, f"dali hw_decoder_load={load}"
 
 
-def markdown(rows: list[dict], env: dict, settings: dict, ceiling: dict) -> str:
+def markdown(rows: list[dict], env: dict, settings: dict, ceiling: dict, jpegs: dict) -> str:
     batches = rows[0]["epoch_batches"] if rows else "?"
     lines = [f"Loader images/s inside an epoch, median of {settings['repeats']} windows of >= {settings['batches']} "
              f"batches of {settings['batch_size']} at {settings['image_size']} px, on {settings['device']}; epochs "
@@ -359,7 +357,8 @@ def markdown(rows: list[dict], env: dict, settings: dict, ceiling: dict) -> str:
                   "windows alternated in this run; in-epoch images/s (the on rows have no epoch-boundary or start "
                   "figures: those are the off rows').", "", *rand_augment_table(paired)]
     per_core = ceiling["images_per_s_per_core"]["median"]
-    lines += ["", f"JPEG decode ceiling (PIL, full decode, one core): {per_core:,.0f} images/s per core."]
+    lines += ["", f"JPEG decode ceiling (PIL, full decode, one core): {per_core:,.0f} images/s per core.",
+              "", jpeg_stats.summary(jpegs)]
     return "\n".join(lines) + "\n"
 
 
@@ -384,14 +383,16 @@ def main(argv: list[str] | None = None) -> int:
     goals = {"cpu_ratio_vs_torchvision": goals_.CPU_RATIO, "cpu_epoch_boundary_batches": goals_.CPU_EPOCH_START,
              "cpu_first_batch_90_over_0": goals_.CPU_RESUME, "gpu_images_per_s": goals_.GPU_LOADER,
              "gpu_ffcv_512_images_per_s_per_core": goals_.FFCV_512_PER_CORE}
-    ceiling = decode_ceiling(args.data, args.split, images=64)
+    sample = jpeg_stats.stored_jpegs(args.data, args.split, images=64)
+    ceiling = decode_ceiling(sample)
+    jpegs = jpeg_stats.measure(sample, repeats=3)  # the data against a real photo: what these figures stand for
     path, rows, failed = record_path("loaders", args.results), [], []
 
     def save() -> None:  # after every configuration: a time limit that ends the run keeps the rows measured
         add_ratios(rows)
         write_record("loaders", {"settings": settings, "goals": goals, "results": rows, "failed": failed,
-                                 "decode_ceiling": ceiling}, path=path)
-        path.with_suffix(".md").write_text(markdown(rows, record.environment(), settings, ceiling))
+                                 "decode_ceiling": ceiling, "data_jpegs": jpegs}, path=path)
+        path.with_suffix(".md").write_text(markdown(rows, record.environment(), settings, ceiling, jpegs))
 
     for kind, workers, options, label in configurations(args, device):
         # RandAugment on against off: each real loader's default configuration (module docstring)
@@ -448,6 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print("\n".join(rand_augment_table(paired)))
     console.print(f"one core decodes {ceiling['images_per_s_per_core']['median']:,.0f} of these JPEGs per second "
                   f"(PIL, full decode): the CPU decode ceiling is that times the workers")
+    console.print(jpeg_stats.summary(jpegs))
     console.print(f"record: {path} (and .md)")
     return 1 if failed else 0
 

@@ -8,8 +8,11 @@ For every (benchmark, machine) the newest record is reported. Per loader: images
 epoch boundary (ms and batch-times), the first batch after a start at 0, 50 and 90 % of an epoch, and the
 images/s projected over an ImageNet epoch; records measured before those figures show '-'. RandAugment cost
 per loader: each loader's images/s with RandAugment on against off, measured side by side in one run
-(benchmarks/loaders.py --rand-augment). Progressive resolution: training images/s at each size of a preset's ramp
-and the projected wall-clock of an ImageNet run against the presets measured beside it (benchmarks/resolution.py).
+(benchmarks/loaders.py --rand-augment). The stored JPEGs against a real photo: bytes per pixel and Pillow's
+decode ms per megapixel of each loader record's data beside the reference photo's (benchmarks/jpeg_stats.py), so
+that loader figures from generated data can be read against photos'; records measured before have no row there.
+Progressive resolution: training images/s at each size of a preset's ramp and the projected wall-clock of an
+ImageNet run against the presets measured beside it (benchmarks/resolution.py).
 Charts (matplotlib): loader images/s per loader and stored resolution, images/s against workers (where each loader
 saturates), and training real/synthetic.
 
@@ -274,6 +277,7 @@ def render(records: list[dict], out: Path) -> str:
                 chart_scaling(widest, out.parent / png, f"images/s against workers ({resolution(widest)}) - {m}")
                 lines += [f"![worker scaling on {m}]({png})", ""]
             lines += rand_augment_section(loader_records)
+            lines += jpeg_section(loader_records)
         for (b, mm, what), train in sorted(latest.items()):
             if b != "train_step" or mm != m:
                 continue
@@ -378,6 +382,32 @@ def rand_augment_section(loader_records: list[dict]) -> list[str]:
             "for dali, in torch (pipelines/rand_augment.py) for ffcv and torchvision.", "",
             *rand_augment_table([row for _, row in rows], ("stored", "device", "record"),
                                 lambda row: (*stored[id(row)], f"{row['_file']} (commit {row['_commit']})")), ""]
+
+
+JPEG_HEADERS = ("stored", "JPEGs sampled", "bytes/pixel", "decode ms/MP", "reference bytes/pixel",
+                "reference ms/MP", "decode vs reference", "record")
+
+
+def jpeg_section(loader_records: list[dict]) -> list[str]:
+    """The stored JPEGs' bytes per pixel and decode cost against the reference photo, one row per loader record
+    that measured them (markdown lines; none without such records)."""
+    measured = [r for r in loader_records if r.get("data_jpegs")]
+    if not measured:
+        return []
+    first = measured[0]["data_jpegs"]
+    lines = ["### Stored JPEGs against a real photo", "",
+             f"How hard each loader record's JPEGs are to decode (benchmarks/jpeg_stats.py): bytes per pixel, and "
+             f"Pillow's decode ms per megapixel on one core, beside the reference photo "
+             f"({first['reference']['photo']} at quality {first['reference']['quality']}) timed in the same "
+             f"repeats. ImageNet's train set: about {first['imagenet_bytes_per_pixel']} bytes/pixel.", "",
+             "| " + " | ".join(JPEG_HEADERS) + " |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in measured:
+        j, ref = r["data_jpegs"], r["data_jpegs"]["reference"]
+        lines.append(f"| {resolution(r)} | {j['images']} | {j['bytes_per_pixel']:.3f} | "
+                     f"{j['decode_ms_per_mp']['median']:.2f} | {ref['bytes_per_pixel']:.3f} | "
+                     f"{ref['decode_ms_per_mp']['median']:.2f} | {j['decode_vs_reference']:.2f}x | {r['_file']} "
+                     f"(commit {r['commit']}) |")
+    return lines + [""]
 
 
 def resolution_section(r: dict) -> list[str]:

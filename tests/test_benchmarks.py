@@ -68,6 +68,10 @@ def test_loader_benchmark_times_the_epoch_boundary_and_mid_epoch_starts(converte
     assert len(row["epoch_boundary_ms"]["repeats"]) == 2 and len(row["first_batch_ms"]["90"]["repeats"]) == 2
     assert r["goals"]["cpu_epoch_boundary_batches"] == goals.CPU_EPOCH_START
     assert "| synthetic | - |" in (tmp_path / next(tmp_path.glob("loaders-*.md")).name).read_text()
+    jpegs = r["data_jpegs"]  # the stored JPEGs beside the reference photo (benchmarks/jpeg_stats.py)
+    assert jpegs["images"] == 64 and 0 < jpegs["bytes_per_pixel"] < 2 and len(jpegs["decode_ms_per_mp"]["repeats"]) == 3
+    assert jpegs["reference"]["decode_ms_per_mp"]["median"] > 0 and jpegs["decode_vs_reference"] > 0
+    assert "Stored JPEGs (64 sampled)" in (tmp_path / next(tmp_path.glob("loaders-*.md")).name).read_text()
 
 
 class EpochLog:
@@ -165,10 +169,10 @@ def test_gpu_check_dry_run(tmp_path):
     with tarfile.open(tmp_path / "results" / "records.tar") as tar:
         records = [n for n in tar.getnames() if n.endswith(".json")]
     assert {n.split("/")[-1].split("-")[0] for n in records} == {"loaders", "train_step", "resolution", "convert",
-                                                                  "checkpoint", "smoke", "evaluation"}
+                                                                  "checkpoint", "smoke", "evaluation", "dali_feed"}
     log = (tmp_path / "results" / "steps.log").read_text()
-    parts = ("data", "smoke", "gpu-tests", "train", "loaders", "compile", "resolution", "evaluation", "simclr",
-             "batch256", "tests", "scaling", "convert", "checkpoint")
+    parts = ("data", "smoke", "gpu-tests", "train", "dali-feed", "loaders", "compile", "resolution", "evaluation",
+             "simclr", "batch256", "tests", "scaling", "convert", "checkpoint")
     assert all(f"== {step}:" in log for step in parts)
     assert [line.split()[1] for line in log.splitlines() if line.startswith("== ") and "(limit" in line] == list(parts)
     with tarfile.open(tmp_path / "results" / "records.tar") as tar:
@@ -196,7 +200,7 @@ def test_gpu_check_reports_what_the_budget_left_out(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1
     assert "== train: not run, out of time" in done.stdout
-    assert "FAILED or not run: data smoke gpu-tests train loaders" in done.stdout
+    assert "FAILED or not run: data smoke gpu-tests train dali-feed loaders" in done.stdout
 
 
 def test_cpu_suite_then_report(tmp_path):
@@ -239,6 +243,7 @@ def test_cpu_suite_then_report(tmp_path):
     assert "| epoch boundary ms (batch-times) | first batch at 0/50/90 % ms | ImageNet epoch images/s |" in text
     assert "### Training (batch 8): real input" in text and "### Training (simclr, batch 8, two views per image" in text
     assert "### RandAugment cost per loader" in text and f"| ffcv | 2 | {run.RAND_AUGMENT} |" in text
+    assert "### Stored JPEGs against a real photo" in text
     assert "### Progressive resolution" in text and "| tiny_cpu_deit | 24 x 2, 32 x 6 |" in text
 
 

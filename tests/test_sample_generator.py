@@ -7,6 +7,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from benchmarks import jpeg_stats
 from conftest import ROOT
 from pipelines.convert.sample import image_size, imagenet_wnids, make_sample
 
@@ -92,6 +93,17 @@ def test_classes_are_easy_to_tell_apart(quirky_tree):
             hits += int(np.argmin(np.abs(centroids - hue_features(p)).sum(axis=1)) == c)
             total += 1
     assert total == 30 and hits / total > 0.6
+
+
+def test_jpegs_cost_what_a_photo_costs_to_decode(clean_tree):
+    """Pillow decodes the generated JPEGs at a real photo's cost per megapixel (within 15 %), and they take as
+    many bytes per pixel (within a third; a deterministic figure, which smooth images fail by far): a loader
+    benchmark on them stands for one on photos. Smooth synthetic images decode faster and flatter every loader."""
+    root, _ = clean_tree
+    stats = jpeg_stats.measure(jpeg_stats.folder_jpegs(root), repeats=5)
+    assert stats["images"] == 60
+    assert 0.75 <= stats["bytes_per_pixel_vs_reference"] <= 1.33, jpeg_stats.summary(stats)
+    assert 0.85 <= stats["decode_vs_reference"] <= 1.15, jpeg_stats.summary(stats)
 
 
 def test_cli_refuses_a_non_empty_directory(tmp_path):

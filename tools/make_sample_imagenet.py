@@ -9,6 +9,10 @@
   large (1,600-4,000 px) and 2 % tiny (24-96 px); JPEG quality 75-95.
 - A class is a shape (circle, square, ...) filled with a texture (stripes, dots, ...) in a hue of its own, on
   a random background. Classes differ in three cues at once, so a small model learns them in minutes on a CPU.
+- A photo's statistics: muted background colours with edges, and luminance detail with a photo's 1/f spectrum,
+  sharp in places and soft in others, over background and shape alike. Its JPEGs take as many bytes per pixel
+  as a real photo's and cost Pillow as long to decode (`python -m benchmarks.jpeg_stats OUT` measures both), so
+  loader benchmarks on them are not flattered by smooth images.
 - Deterministic: each image depends only on (--seed, class, index), so the same flags give the same bytes.
 - `--quirks` adds the awkward files real ImageNet has (CMYK, grayscale, PNG named .JPEG, 16-bit, EXIF
   rotation, ...) and broken ones (truncated, empty, not an image), to try the converter's handling.
