@@ -51,6 +51,7 @@ from rich.console import Console
 from rich.table import Table
 
 from benchmarks import record
+from benchmarks.loaders import first_batch
 from benchmarks.record import summarize, write_record
 from pipelines import build_loader
 from pipelines.formats.manifest import dali_shards, load_manifest
@@ -176,17 +177,6 @@ def pipeline_batch_ms(loader, epoch: int, lead: int, batches: int, device: str) 
     return (time.perf_counter() - start) / batches * 1e3
 
 
-def first_batch_s(loader, epoch: int, start_batch: int, device: str) -> float:
-    start = time.perf_counter()
-    loader.set_epoch(epoch, start_batch)
-    batches_iter = iter(loader)
-    next(batches_iter)
-    sync(device)
-    elapsed = time.perf_counter() - start
-    batches_iter.close()
-    return elapsed
-
-
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="a converted dataset (tools/convert_imagenet.py OUT)")
@@ -228,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     warm_pages(tars)
 
     throwaway = make_loader(args, 0)  # DALI's one-time start (libraries, plugins) outside every figure
-    first_batch_s(throwaway, 0, 0, args.device)
+    first_batch(throwaway, 0, 0, torch.device(args.device))
     del throwaway
     gc.collect()
 
@@ -249,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     firsts, seeks = ({ahead: [] for ahead in args.feed_ahead} for _ in range(2))
     for repeat in range(args.starts):
         for ahead in (args.feed_ahead if repeat % 2 == 0 else list(reversed(args.feed_ahead))):
-            firsts[ahead].append(first_batch_s(make_loader(args, ahead), 0, 0, args.device))
+            firsts[ahead].append(first_batch(make_loader(args, ahead), 0, 0, torch.device(args.device)))
             gc.collect()  # the fresh loader's pipeline and threads go before the next figure
-            seeks[ahead].append(first_batch_s(loaders[ahead], next(epochs), mid, args.device))
+            seeks[ahead].append(first_batch(loaders[ahead], next(epochs), mid, torch.device(args.device)))
     for ahead in args.feed_ahead:
         startup[ahead] |= {"first_batch_s": summarize(firsts[ahead]), "seek_s": summarize(seeks[ahead])}
     pipeline_ms = pipeline_batch_ms(loaders[args.feed_ahead[0]], next(epochs), lead, args.batches, args.device)
