@@ -1,5 +1,6 @@
 import colorsys
 import hashlib
+import io
 import re
 import subprocess
 import sys
@@ -104,6 +105,21 @@ def test_jpegs_cost_what_a_photo_costs_to_decode(clean_tree):
     assert stats["images"] == 60
     assert 0.75 <= stats["bytes_per_pixel_vs_reference"] <= 1.33, jpeg_stats.summary(stats)
     assert 0.85 <= stats["decode_vs_reference"] <= 1.15, jpeg_stats.summary(stats)
+
+
+def test_reference_photo_is_stored_at_the_data_size_cap():
+    """A sample stored at a small cap (--max-resolution 256) is compared with the photo stored at that cap:
+    per megapixel, a small image's fixed decode costs weigh more, and comparing it with 500-px photos would
+    blame the data for its size."""
+    assert jpeg_stats.reference_sizes(None) == jpeg_stats.REFERENCE_SIZES
+    assert jpeg_stats.reference_sizes(4000) == jpeg_stats.REFERENCE_SIZES
+    small = jpeg_stats.reference_sizes(256)
+    assert max(max(s) for s in small) == 256
+    for (w, h), (sw, sh) in zip(jpeg_stats.REFERENCE_SIZES, small):
+        assert abs(w / h - sw / sh) < 0.01
+    blob = jpeg_stats.reference_jpegs(small)[0]
+    with Image.open(io.BytesIO(blob)) as im:
+        assert max(im.size) == 256
 
 
 def test_cli_refuses_a_non_empty_directory(tmp_path):
