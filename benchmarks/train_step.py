@@ -1,7 +1,8 @@
 """Training throughput: images/s of the trainer's own step fed by the synthetic loader and by each real
 loader, side by side in one run. real / synthetic is the number the project lives by.
 
-    python -m benchmarks.train_step --data OUT [--preset vit_b16_seed] [--kinds synthetic dali ffcv torchvision]
+    python -m benchmarks.train_step --data OUT [--preset vit_b16_seed] [--objective supervised|simclr|mae|...]
+                                    [--kinds synthetic dali ffcv torchvision]
                                     [--batch-size 64 256] [--steps 30] [--repeats 5] [--warmup 15] [--profile DIR]
                                     [--compile-mode default reduce-overhead] [--fused false true]
 
@@ -15,10 +16,13 @@ batches of 64): it continues the epoch when the rest of it holds the window whol
 next one, set_epoch(e + 1, 0), with LEAD = 2 untimed steps before the clock (the first batches of an epoch
 carry its start). An epoch shorter than that gets windows as long as fit, and the row says so (`window.short_epoch`).
 
-MFU counts the training FLOPs of one image (torch's FlopCounterMode over a forward and backward; ~105 GFLOP for
-ViT-B/16 at 224 px) against `--peak-tflops` (default: the GPU's dense bf16 peak, benchmarks/record.py; none on
-a CPU or in fp32). Peak GPU memory is each row's own. Writes benchmarks/results/train_step-<stamp>.json,
-rewritten after every row (a time limit keeps the rows measured before it), and .md.
+Any objective (training/objectives) is measured: the step sends each batch through the objective's `inputs` and
+`loss`, as the trainer does, and images/s counts what the network takes in (each view, for a two-view objective).
+MFU counts the training FLOPs of one image the same way (torch's FlopCounterMode over the forward, the loss and
+the backward; ~101 GFLOP for supervised ViT-B/16 at 224 px, ~56 for MAE's masked step) against `--peak-tflops`
+(default: the GPU's dense bf16 peak, benchmarks/record.py; none on a CPU or in fp32). Peak GPU memory is each
+row's own. Writes benchmarks/results/train_step-<stamp>.json, rewritten after every row (a time limit keeps the
+rows measured before it), and .md.
 """
 from __future__ import annotations
 
@@ -51,15 +55,27 @@ GOALS = {"synthetic_images_per_s_h100": goals.SYNTHETIC,
 EAGER = "none"  # --compile-mode for no torch.compile
 
 
-def train_flops_per_image(model: torch.nn.Module, image_size: int, device: torch.device, autocast) -> float:
-    """FLOPs of one image's forward and backward, as torch counts them (matmuls and convolutions)."""
+def train_flops_per_image(model: torch.nn.Module, objective, image_size: int, num_classes: int,
+                          device: torch.device, autocast) -> float:
+    """FLOPs of one model input's training step (forward, loss and backward), as torch counts them (matmuls and
+    convolutions), per image as the rates count them (each view, for a two-view objective). The batch goes
+    through the objective's own `inputs` and `loss`, as the trainer's step sends it: MAE's encoder sees only the
+    kept patches, so its count is the masked step's real one. The batch's preparation (`inputs`) is not counted."""
     from torch.utils.flop_counter import FlopCounterMode
-    images = torch.randn(2, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+    samples = 2
+
+    def images() -> torch.Tensor:
+        shape = (samples, 3, image_size, image_size)
+        return torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
+    batch = tuple(images() for _ in range(objective.views)) if objective.views > 1 else images()
+    inputs, targets = objective.inputs(batch, torch.randint(max(num_classes, 1), (samples,), device=device))
     counter = FlopCounterMode(display=False)
-    with counter, autocast():
-        model(images).float().sum().backward()
+    with counter:
+        with autocast():
+            loss = objective.loss(model(inputs), targets)
+        loss.backward()
     model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / 2
+    return counter.get_total_flops() / (samples * objective.views)
 
 
 def default_peak(device: torch.device, precision: str) -> float | None:
@@ -229,7 +245,8 @@ def parse_args(argv):
     p.add_argument("--preset", default="vit_b16_seed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--objective", choices=list(OBJECTIVES), default=None,
-                   help="what the step minimizes (default: the preset's); simclr reads two views per image")
+                   help="what the step minimizes (default: the preset's); simclr reads two views per image. A "
+                        "self-supervised objective's own preset (tiny_cpu_mae, mae_vit_b16, ...) brings its recipe")
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
     p.add_argument("--batch-size", type=int, nargs="+", default=None, help="default: the preset's")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -279,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         console.print(f"[red]error:[/red] {e}")
         return 2
-    objective = build_objective(config)
     num_classes = load_manifest(args.data)["num_classes"]
+    objective = build_objective(config, num_classes)
     autocast = autocast_factory(config.train.precision, device)
     peak = args.peak_tflops or default_peak(device, config.train.precision)
     settings = {**{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -301,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.manual_seed(0)
             model = build_network(config, objective, num_classes).to(device)
             model = model.to(memory_format=torch.channels_last)
-            flops = train_flops_per_image(model, config.data.image_size, device, autocast)
+            flops = train_flops_per_image(model, objective, config.data.image_size, num_classes, device,
+                                          autocast)
             trained = compile_for_training(model, with_options(config, mode, False).model)  # compiled at warm-up
             for fused in fused_options:
                 step = build_step(model, trained, with_options(config, mode, fused), objective, autocast, device)

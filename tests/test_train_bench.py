@@ -357,3 +357,28 @@ def test_the_smoke_check_names_every_way_a_run_goes_wrong():
     by_size = smoke.rates(records)  # the first window of each size in each process is left out
     assert by_size == {"24": {"images_per_s": 2400.0, "input_wait": 0.01, "windows": 1},
                        "32": {"images_per_s": 3200.0, "input_wait": 0.01, "windows": 1}}
+
+
+@pytest.mark.parametrize("objective", ["mae", "colorize"])
+def test_the_benchmark_measures_the_self_supervised_objectives(converted, tmp_path, objective):
+    """`--objective mae|colorize` trains the objective's own network from synthetic input and from a real loader
+    (the batch through the objective's inputs and loss, as the trainer's step sends it), and writes its rows.
+    MAE's FLOPs are the masked step's: its encoder sees a quarter of the patches, so one image costs less than
+    the supervised step of the same ViT."""
+    argv = bench_args(converted, tmp_path, "--objective", objective, "--kinds", "synthetic", "torchvision",
+                      "--workers", "1")
+    argv[argv.index("tiny_cpu")] = f"tiny_cpu_{objective}"
+    assert train_step.main(argv) == 0
+    r = only_record(tmp_path)
+    rows = {row["kind"]: row for row in r["results"]}
+    assert r["settings"]["objective"] == objective and set(rows) == {"synthetic", "torchvision"} and not r["failed"]
+    assert all(row["images_per_s"]["median"] > 0 for row in rows.values())
+    assert rows["torchvision"]["vs_synthetic"] == pytest.approx(
+        rows["torchvision"]["images_per_s"]["median"] / rows["synthetic"]["images_per_s"]["median"])
+    config = load_config("tiny_cpu")
+    supervised = train_step.train_flops_per_image(build_network(config, build_objective(config), 4),
+                                                  build_objective(config), 32, 4, torch.device("cpu"),
+                                                  lambda: torch.autocast("cpu", enabled=False))
+    flops = rows["synthetic"]["train_flops_per_image"]
+    assert (flops < 0.6 * supervised) if objective == "mae" else (0.9 * supervised < flops < 1.1 * supervised)
+    assert f", {objective}, 32 px" in next(tmp_path.glob("train_step-*.md")).read_text()
