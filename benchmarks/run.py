@@ -1,6 +1,7 @@
 """The benchmark suites, one entry point: builds the data they need, then runs each part and writes its records.
 
-    python -m benchmarks.run --suite cpu|gpu|all [--only data loaders scaling train simclr resolution convert]
+    python -m benchmarks.run --suite cpu|gpu|all [--only data loaders scaling train simclr mae colorize resolution
+                                                          convert]
                              [--dry-run]
                              [--results benchmarks/results] [--work build/bench]
     python -m benchmarks.report          # then: benchmarks/report.md with tables and charts
@@ -16,6 +17,9 @@ Parts (each writes JSON records with hardware, versions, commit and settings; se
   real/synthetic ratio, MFU and peak GPU memory, with a profile that splits each step into input wait and
   model time.
 - `simclr`: the same for SimCLR (two views per image), at the supervised run's batch, without a profile.
+- `mae`, `colorize`: the same for the masked autoencoder and for colorization, each with its own preset (its
+  network: MAE's decoder, colorization's per-patch head) at the supervised run's data, batch and windows, without
+  a profile; the report sets MAE's synthetic-input rate beside each loader's rate alone.
 - `resolution`: ViT-B/16's training images/s at each size of vit_b16_fast's resolution ramp (128 -> 224 px)
   beside vit_b16_seed at 224 px, and the wall-clock of an ImageNet run each projects to
   (benchmarks/resolution.py); synthetic input, so it needs no data.
@@ -52,7 +56,8 @@ from benchmarks import train_step as train_bench
 
 RAND_AUGMENT = "rand-m9-mstd0.5-inc1"  # DeiT's, as training/presets/deit_b16.yaml trains with it
 # convert runs before the loaders: it forks worker processes, which is unsafe once DALI and FFCV threads run
-PARTS = ("data", "convert", "loaders", "scaling", "train", "simclr", "resolution")
+PARTS = ("data", "convert", "loaders", "scaling", "train", "simclr", "mae", "colorize", "resolution")
+TRAIN_PARTS = ("train", "simclr", "mae", "colorize")  # the parts that train from the suite's data
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -73,6 +78,9 @@ class Suite:
     loader_args: tuple[str, ...]  # benchmarks.loaders' window settings
     train_resolution: int  # the stored data `train` reads
     train_args: tuple[str, ...]  # benchmarks.train_step's model and window settings
+    # the preset each self-supervised part trains in place of train_args' (the objective's network and recipe),
+    # at train_args' batch and windows
+    objective_presets: tuple[tuple[str, str], ...]
     resolution_args: tuple[str, ...]  # benchmarks.resolution's presets and window settings
     convert_args: tuple[str, ...]
 
@@ -100,6 +108,7 @@ def suites(cores: int) -> dict[str, Suite]:
                      train_resolution=512,
                      train_args=("--preset", "tiny_cpu", "--batch-size", "32", "--steps", "10", "--repeats", "3",
                                  "--warmup", "3"),
+                     objective_presets=(("mae", "tiny_cpu_mae"), ("colorize", "tiny_cpu_colorize")),
                      # ViT-B/16 itself, eager fp32 (bf16 is emulated on this CPU): a step of batch 8 takes 3-8 s,
                      # so windows of one step, 3 rounds over 5 (preset, size) pairs: 2.5 minutes on quiet cores
                      resolution_args=("--preset", "vit_b16_fast", "--compare", "vit_b16_seed", "--batch-size", "8",
@@ -117,6 +126,7 @@ def suites(cores: int) -> dict[str, Suite]:
                      train_resolution=512,
                      train_args=("--preset", "vit_b16_seed", "--batch-size", "64", "--steps", "30",
                                  "--repeats", "3", "--warmup", "20"),
+                     objective_presets=(("mae", "mae_vit_b16"), ("colorize", "colorize_vit_b16")),
                      # bf16, eager: compiled, the 5 (preset, size) graphs would take 3-6 minutes, more than the GPU
                      # check has; eager steps carry more launch overhead at the small sizes, so the ramp's gain
                      # measured here is a lower bound of the compiled one
@@ -134,6 +144,7 @@ def dry(suite: Suite) -> Suite:
         loader_args=("--batch-size", "8", "--image-size", "32", "--batches", "2", "--repeats", "2", "--warmup", "1",
                      "--boundaries", "2", "--starts", "2"),
         train_args=("--preset", "tiny_cpu", "--batch-size", "8", "--steps", "2", "--repeats", "2", "--warmup", "1"),
+        objective_presets=(("mae", "tiny_cpu_mae"), ("colorize", "tiny_cpu_colorize")),
         # the tiny ViT with a 24 -> 32 px ramp beside it without one
         resolution_args=("--preset", "tiny_cpu_deit", "--compare", "tiny_cpu", "--batch-size", "4", "--steps", "1",
                          "--repeats", "2", "--warmup", "1"),
@@ -205,12 +216,23 @@ def run_part(part: str, suite: Suite, work: Path, results: Path, console: Consol
     elif part == "simclr":  # two views per image through the same model; at the supervised run's batch, no profile
         data = ("--data", str(dataset(work, suite.train_resolution)))
         codes.append(train_bench.main([*data, *common, "--objective", "simclr", *suite.train_args]))
+    elif part in ("mae", "colorize"):  # the objective's own preset, at the supervised run's batch; no profile
+        data = ("--data", str(dataset(work, suite.train_resolution)))
+        preset = dict(suite.objective_presets)[part]
+        codes.append(train_bench.main([*data, *common, "--objective", part, *with_preset(suite.train_args, preset)]))
     elif part == "resolution":
         codes.append(resolution_bench.main([*common, *suite.resolution_args]))
     elif part == "convert":
         codes.append(convert_bench.main([*suite.convert_args, "--results", str(results)]))
     if any(codes):
         raise RuntimeError(f"{part}: some measurements failed; their errors are above and in the records")
+
+
+def with_preset(args: tuple[str, ...], preset: str) -> list[str]:
+    """`args` with the value of their --preset replaced by `preset`."""
+    out = list(args)
+    out[out.index("--preset") + 1] = preset
+    return out
 
 
 def parse_args(argv):
@@ -240,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         suite = dry(suite) if args.dry_run else suite
         work = args.work / (f"{name}-dry" if args.dry_run else name)
         for part in PARTS:
-            if part not in args.only and not (part == "data" and set(args.only) & {"loaders", "scaling", "train",
-                                                                                  "simclr"}):
+            if part not in args.only and not (part == "data" and set(args.only) & {"loaders", "scaling",
+                                                                                  *TRAIN_PARTS}):
                 continue
             if args.deadline_s is not None and time.monotonic() - start > args.deadline_s:
                 skipped.append(f"{name}:{part}")
