@@ -12,7 +12,9 @@ per loader: each loader's images/s with RandAugment on against off, measured sid
 decode ms per megapixel of each loader record's data beside the reference photo's (benchmarks/jpeg_stats.py), so
 that loader figures from generated data can be read against photos'; records measured before have no row there.
 Progressive resolution: training images/s at each size of a preset's ramp and the projected wall-clock of an
-ImageNet run against the presets measured beside it (benchmarks/resolution.py).
+ImageNet run against the presets measured beside it (benchmarks/resolution.py). MAE and colorization: the images/s
+their trainer consumes from synthetic input beside each loader's rate alone (the newest loader record of the same
+machine, stored resolution and device), and whether that loader can feed it.
 Charts (matplotlib): loader images/s per loader and stored resolution, images/s against workers (where each loader
 saturates), and training real/synthetic.
 
@@ -285,7 +287,8 @@ def render(records: list[dict], out: Path) -> str:
         for (b, mm, what), train in sorted(latest.items()):
             if b != "train_step" or mm != m:
                 continue
-            views = ", two views per image: images/s counts views" if objective(train) == "simclr" else ""
+            views = {"simclr": ", two views per image: images/s counts views",
+                     "mae": mask_note(train)}.get(objective(train), "")
             lines += [f"### Training ({what}{views}): real input against synthetic", "",
                       "| loader | batch | compile | fused AdamW | images/s | vs synthetic | input wait | MFU | "
                       "peak GiB |", "|---|---:|---|---|---:|---:|---:|---:|---:|"]
@@ -300,6 +303,8 @@ def render(records: list[dict], out: Path) -> str:
             chart_real_vs_synthetic(train, out.parent / png, f"training {what} real / synthetic - {m}")
             lines += ["", f"record {train['_file']} (commit {train['commit']})", "",
                       f"![real over synthetic on {m}]({png})", ""]
+            if objective(train) in FED:
+                lines += feed_section(train, latest)
         for (b, mm, _), ramp in sorted(latest.items()):
             if b == "resolution" and mm == m:
                 lines += resolution_section(ramp)
@@ -325,6 +330,72 @@ def render(records: list[dict], out: Path) -> str:
     text = "\n".join(lines) + "\n"
     out.write_text(text)
     return text
+
+
+FED = {"mae": "MAE", "colorize": "colorization"}  # objectives whose consumption is set beside the loaders alone
+
+
+def mask_note(train: dict) -> str:
+    """A MAE record's heading note: the share of patches its encoder sees."""
+    ratio = train["settings"].get("config", {}).get("mae", {}).get("mask_ratio")
+    return "" if ratio is None else f", mask ratio {ratio:g}: the encoder sees {1 - ratio:.0%} of the patches"
+
+
+def feeding_loaders(train: dict, latest: dict) -> dict | None:
+    """The newest loader record (merged row by row, as newest() keeps it) of a training record's machine, stored
+    resolution and device: the loaders the training's own data was measured with."""
+    device = str(train["settings"].get("device", "?")).split(":")[0]
+    return latest.get(("loaders", machine(train), f"{resolution(train)} on {device}"))
+
+
+def crop_note(train: dict, loaders: dict) -> str:
+    """Which way a verdict leans when the loaders alone were timed at another crop size than the training's."""
+    crop, size = loaders["settings"].get("image_size"), train["settings"].get("config", {}).get("data", {}).get(
+        "image_size")
+    if not crop or not size or crop == size:
+        return ""
+    smaller = size < crop
+    return (f" The loaders alone were timed at {crop}-px crops and the training reads {size}-px ones: a "
+            f"{'smaller' if smaller else 'larger'} crop costs a loader {'less' if smaller else 'more'} after the "
+            f"decode, so '{'can feed' if smaller else 'cannot'}' holds at the training's size as well.")
+
+
+FEED_HEADERS = ("loader", "workers", "loader alone images/s", "{name} from synthetic input images/s",
+                "can it feed {name}?", "loader record")
+
+
+def feed_section(train: dict, latest: dict) -> list[str]:
+    """Can each loader alone feed this objective's training (markdown lines)? Its consumption rate, the images/s
+    its step takes in from synthetic input (no loader competing for the device or the cores), beside each
+    loader's plain rows alone; a loader can feed it when its rate alone is at least that."""
+    name = FED[objective(train)]
+    loaders = feeding_loaders(train, latest)
+    synthetic = [row for row in train["results"] if row["kind"] == "synthetic"]
+    title = f"### Can each loader alone feed {name}? ({train_variant(train)})"
+    if not synthetic:
+        return [title, "", f"No synthetic-input row in {train['_file']}: nothing to set the loaders beside.", ""]
+    if not loaders:
+        return [title, "", f"No loader record for {machine(train)}, {resolution(train)}, "
+                           f"{train['settings'].get('device', '?')}: run benchmarks.loaders on the same data.", ""]
+    rows = sorted((row for row in plain_rows(loaders) if row["kind"] != "synthetic"),
+                  key=lambda row: (row["kind"], row["workers"] or 0))
+    lines = [title, "",
+             f"The images/s {name}'s trainer consumes from synthetic input (its step alone) against each loader's "
+             f"images/s alone ({resolution(train)} JPEGs, {train['settings'].get('device', '?')}). A loader below it "
+             f"would leave the step waiting, whatever else the machine does; one above it can feed it if the cores it "
+             f"needs are free (the training rows above measure both together).{crop_note(train, loaders)}", "",
+             "| " + " | ".join(h.format(name=name) for h in FEED_HEADERS) + " |", "|---|---:|---:|---:|---|---|"]
+    for s_row in synthetic:
+        need = s_row["images_per_s"]["median"]
+        for row in rows:
+            have = row["images_per_s"]["median"]
+            verdict = f"can feed {name} ({have / need:.2f}x)" if have >= need else \
+                f"cannot feed {name}: {have:,.0f} of {need:,.0f} images/s"
+            lines.append(f"| {row['label']} | {row['workers'] or '-'} | {have:,.0f} | {need:,.0f} | {verdict} | "
+                         f"{row.get('_file', loaders['_file'])} |")
+    batches = ", ".join(f"batch {row['batch_size']}, compile {row.get('compile_mode', '-')}" for row in synthetic)
+    return lines + ["", f"{name}: record {train['_file']} ({batches}); loaders alone at batch "
+                        f"{loaders['settings'].get('batch_size', '?')}.", ""]
 
 
 RAND_AUGMENT_HEADERS = ("loader", "workers", "RandAugment", "off images/s", "on images/s", "on spread (min-max)",
