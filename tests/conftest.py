@@ -144,3 +144,14 @@ def damaged(converted, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(converted[0], copy)
     return copy
+
+
+@pytest.fixture(scope="session")
+def ssl_data(tmp_path_factory):
+    """The self-supervised tests' sample: 8 classes x 40 images converted at 64 px (the tiny model trains at
+    32 px): 288 train, 32 holdout, 48 val images."""
+    root = tmp_path_factory.mktemp("ssl")
+    make_sample(root / "tree", classes=8, per_class=40, val_per_class=6, seed=2, workers=2)
+    out = root / "out"
+    convert(root / "tree", out, ConvertSettings(formats=("dali",), max_resolution=64), workers=2, console=quiet())
+    return out

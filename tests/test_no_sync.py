@@ -270,6 +270,8 @@ def tiny_step(objective_name: str, device=CPU, precision: str = "fp32"):
     from training.optim import build_optimizer, build_scheduler
     if objective_name == "deit":  # supervised with erasing and mixup/cutmix on the batch (tiny_cpu_deit)
         config = load_config("tiny_cpu_deit", ["data.ramp.start_size=0"])
+    elif objective_name in ("mae", "colorize"):  # their tiny presets: the decoder sized for the tiny ViT
+        config = load_config(f"tiny_cpu_{objective_name}")
     else:
         config = load_config("tiny_cpu", [f"train.objective={objective_name}"])
     torch.manual_seed(0)
@@ -290,7 +292,7 @@ def tiny_batches(views: int, count: int = BATCHES, device=CPU, n: int = 8):
             for _ in range(count)]
 
 
-@pytest.mark.parametrize("objective_name", ["supervised", "deit", "simclr", "rotation"])
+@pytest.mark.parametrize("objective_name", ["supervised", "deit", "simclr", "rotation", "mae", "colorize"])
 def test_train_step_makes_no_host_tensor(objective_name):
     from training.loop import train_step
     step, objective = tiny_step(objective_name)
@@ -385,7 +387,7 @@ def test_gpu_loaders_do_not_sync_per_batch(converted, kind, views):
 
 @needs_cuda
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("objective_name", ["supervised", "deit", "simclr", "rotation"])
+@pytest.mark.parametrize("objective_name", ["supervised", "deit", "simclr", "rotation", "mae", "colorize"])
 def test_gpu_train_step_and_evaluation_do_not_sync(objective_name, precision):
     """Three steps, each after the loop's reseeding, then an evaluation's batches, in sync-debug "error" mode;
     the loss is read after the window (the loop's one read per log window) and the evaluation's reduction outside

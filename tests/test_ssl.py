@@ -1,8 +1,9 @@
 """Self-supervised objectives (SimCLR, rotation), k-NN evaluation and transfer (--init, --finetune,
 --freeze-blocks) on the CPU.
 
-The runs use their own small sample: 8 classes x 40 images, converted at 64 px (the tiny model trains at 32 px,
-so decoding the usual 500 px images would only cost time): 288 train, 32 holdout, 48 val images. Everything is
+The runs use their own small sample (conftest.py's ssl_data): 8 classes x 40 images, converted at 64 px (the tiny
+model trains at 32 px, so decoding the usual 500 px images would only cost time): 288 train, 32 holdout, 48 val
+images. Everything is
 seeded and the torchvision loader seeds each sample's augmentation, so each figure below is the same on every
 run on a machine; the margins only have to absorb float differences between machines.
 """
@@ -19,10 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from conftest import ROOT, quiet
+from conftest import ROOT
 from pipelines import build_loader
-from pipelines.convert.job import ConvertSettings, convert
-from pipelines.convert.sample import make_sample
 from training import checkpoint, knn
 from training.config import config_from_dict, load_config
 from training.objectives import backbone_of, build_network, build_objective, info_nce, rotate
@@ -30,15 +29,6 @@ from training.optim import build_optimizer
 from training.run import main
 
 LOADER = ["--loader", "torchvision", "--workers", "1"]
-
-
-@pytest.fixture(scope="module")
-def ssl_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ssl")
-    make_sample(root / "tree", classes=8, per_class=40, val_per_class=6, seed=2, workers=2)
-    out = root / "out"
-    convert(root / "tree", out, ConvertSettings(formats=("dali",), max_resolution=64), workers=2, console=quiet())
-    return out
 
 
 def run(data, run_dir, *extra, preset="tiny_cpu"):

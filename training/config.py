@@ -126,7 +126,7 @@ class TrainConfig:
     # A checkpoint is taken at a log interval: the training thread copies the state to host memory and a side
     # thread writes it (docs/training.md, "Resume, preemption, failures", has the measured cost).
     checkpoint_every_min: float = 10.0
-    objective: str = "supervised"  # a name of training/objectives.py's OBJECTIVES
+    objective: str = "supervised"  # a name in training/objectives' registry (OBJECTIVES)
     # An exponential moving average of the weights (timm's ModelEmaV3), updated every step; 0: none. Evaluated
     # beside the raw weights and saved in last.pt; best.pt holds whichever `best_on` names. The average covers
     # about 1 / (1 - decay) steps: 0.9998 is 5,000 steps, a third of an ImageNet epoch at batch 64 (DeiT's
@@ -138,7 +138,8 @@ class TrainConfig:
 
 @dataclass
 class SSLConfig:
-    """The self-supervised objectives and their k-NN evaluation (training/objectives.py, training/knn.py)."""
+    """SimCLR's settings and the k-NN evaluation of every self-supervised objective (training/objectives/simclr.py,
+    training/knn.py)."""
     # SimCLR's NT-Xent temperature. 0.2: MoCo v3's value for ViTs (Chen, Xie & He 2021, "An Empirical Study of
     # Training Self-Supervised Vision Transformers", sec. 4 and appendix); SimCLR used 0.1-0.5 for ResNets.
     temperature: float = 0.2
@@ -151,6 +152,24 @@ class SSLConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     knn_bank: str = "train"  # the split whose features vote (read with eval transforms); queries: data.eval_splits
+
+
+@dataclass
+class MAEConfig:
+    """Masked-image reconstruction (training/objectives/mae.py): He et al. 2022, "Masked Autoencoders Are
+    Scalable Vision Learners". The defaults are the paper's for ViT-B (sec. 4 and appendix A.1)."""
+    mask_ratio: float = 0.75  # the share of patches removed per image; the encoder sees the rest
+    decoder_depth: int = 8  # transformer blocks of the decoder
+    decoder_width: int = 512
+    decoder_heads: int = 16
+    norm_pix_loss: bool = True  # each target patch normalized to zero mean and unit variance (the paper's default)
+
+
+@dataclass
+class ColorizeConfig:
+    """Colorization (training/objectives/colorize.py): the grayscale image in, its colour (CIELAB a*b* per pixel)
+    out."""
+    huber_delta: float = 0.1  # of the smooth-L1 loss on a*b* scaled to [-1, 1] (training/objectives/colorize.py)
 
 
 @dataclass
@@ -167,6 +186,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
+    mae: MAEConfig = field(default_factory=MAEConfig)
+    colorize: ColorizeConfig = field(default_factory=ColorizeConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
@@ -174,19 +195,11 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def objective_names() -> tuple[str, ...]:
-    """train.objective's choices: the keys of training/objectives.py's OBJECTIVES. Imported when the field is
-    checked, not with this module: objectives.py imports torch and timm (about 2 s), which a config alone does
-    not need."""
-    from .objectives import OBJECTIVES
-    return tuple(OBJECTIVES)
-
-
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
-# A field's allowed values: a tuple, or a function that returns one (for a registry that is costly to import).
+# A field's allowed values. train.objective's are the objectives' registry (training/objectives), which checks
+# the name when the run builds its objective.
 CHOICES = {("data", "loader"): tuple(KINDS),
            ("train", "precision"): ("bf16", "fp16", "fp32"),  # training/precision.py's DTYPES
-           ("train", "objective"): objective_names,
            ("model", "finetune"): ("full", "linear"),
            ("model", "compile_mode"): COMPILE_MODES,
            ("train", "best_on"): ("raw", "ema")}
@@ -225,7 +238,6 @@ def _apply(section, values: dict, where: str) -> None:
             kind = object
         value = _check(value, kind, name)
         allowed = CHOICES.get(tuple(name.split(".")))
-        allowed = allowed() if callable(allowed) else allowed
         if allowed and value not in allowed:
             raise ConfigError(f"{name}: '{value}' is not one of {', '.join(allowed)}")
         setattr(section, key, value)
@@ -312,7 +324,8 @@ def augmentations_on(augment: AugmentConfig, *, batch_only: bool = False) -> lis
 def check_recipe(config: Config, patch: int | None) -> None:
     """The combinations that cannot work, as ConfigErrors before any work: a resolution ramp that shrinks or
     ends elsewhere than data.image_size, a size the ViT's patch does not divide (`patch`: the model's patch
-    side, None for models that take any size), batch augmentation with a self-supervised objective."""
+    side, None for models that take any size), augmentation strengths out of range. What the chosen objective
+    rules out (mixup without labels, a ramp for two views) it checks itself (training/objectives, check)."""
     data, augment, ramp = config.data, config.augment, config.data.ramp
     sizes = {"data.image_size": data.image_size}
     if ramp.start_size:
@@ -327,8 +340,6 @@ def check_recipe(config: Config, patch: int | None) -> None:
             raise ConfigError(f"data.ramp: start_epoch {ramp.start_epoch} must be below end_epoch {ramp.end_epoch}")
         if ramp.step < 1:
             raise ConfigError(f"data.ramp.step must be positive, got {ramp.step}")
-        if config.train.objective == "simclr":
-            raise ConfigError("data.ramp with train.objective=simclr: the two-view loaders train at data.image_size")
         sizes |= {"data.ramp.start_size": ramp.start_size, "data.ramp.step": ramp.step}
     elif ramp.end_size or ramp.end_epoch:
         raise ConfigError("data.ramp: set start_size to turn the ramp on (its other fields alone do nothing)")
@@ -341,17 +352,9 @@ def check_recipe(config: Config, patch: int | None) -> None:
         value = getattr(augment, name)
         if value < 0 or (name != "mixup" and name != "cutmix" and value > 1):
             raise ConfigError(f"augment.{name} {value} is out of range")
-    deit = augmentations_on(augment)
-    if deit and config.train.objective != "supervised":
-        raise ConfigError(f"augment.{', augment.'.join(deit)} with train.objective="
-                          f"{config.train.objective}: DeiT's augmentation is for supervised training (the "
-                          "self-supervised objectives bring their own views and targets)")
     if (augment.mixup or augment.cutmix) and data.batch_size % 2:
         raise ConfigError(f"augment.mixup/cutmix pair each image with the batch reversed: data.batch_size "
                           f"{data.batch_size} must be even")
-    if config.model.compile_eval and not (config.model.compile and config.train.objective == "supervised"):
-        raise ConfigError("model.compile_eval compiles the supervised evaluation: it needs model.compile=true and "
-                          "train.objective=supervised (k-NN runs uncompiled)")
     if config.train.best_on == "ema" and not config.train.ema_decay:
         raise ConfigError("train.best_on=ema needs train.ema_decay (for example 0.9998)")
     if not 0 <= config.train.ema_decay < 1:

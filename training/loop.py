@@ -5,7 +5,7 @@ No host-device sync inside the step: the loss is summed on the device and read (
 so the host time spent blocked in `next(batches)` is the time the GPU starves for input: that share of the
 window is the input-wait % shown and logged.
 
-What is minimized is the Step's objective (training/objectives.py): supervised cross-entropy by default,
+What is minimized is the Step's objective (training/objectives): supervised cross-entropy by default,
 or a self-supervised loss, whose batches may hold two views per image. Every draw a step makes comes from
 (seed, rank, step) (training/randomness.py).
 
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from .distributed import all_reduce_sum
-from .objectives import Objective
+from .objectives.base import Objective
 from .randomness import seed_step
 
 
@@ -51,7 +51,7 @@ class Step:
     scaler: torch.amp.GradScaler
     autocast: Callable[[], object]  # a fresh autocast context (or a null one for fp32)
     grad_clip: float
-    objective: Objective  # what the step minimizes (training/objectives.py, build_objective)
+    objective: Objective  # what the step minimizes (training/objectives, build_objective)
     frozen: tuple[torch.nn.Module, ...] = ()  # kept in eval mode while the rest trains (transfer.freeze)
     ema: object | None = None  # timm's ModelEmaV3 of `ema_of` (the plain module), updated after each step
     ema_of: torch.nn.Module | None = None
@@ -108,6 +108,7 @@ def train_epoch(step: Step, batches, state: TrainState, *, world_size: int, log_
         step.scheduler.step_update(num_updates=state.step)
         if step.ema is not None:
             step.ema.update(step.ema_of, step=state.step)
+        step.objective.after_step(state.step)
 
         loss_sum += loss
         nonfinite |= ~torch.isfinite(loss)

@@ -107,6 +107,21 @@ class RunLog:
         if state.epoch < self.epochs and weights == "raw":
             self.display.reset(self.task, total=self.steps, epoch=state.epoch + 1, stats="")
 
+    def picture(self, state, grid, weights: str = "raw") -> None:
+        """An objective's picture of its work (Objective.pictures: a 3 x H x W grid in [0, 1]) at an evaluation:
+        pictures/epoch-NNN[-ema].png in the run directory, and TensorBoard's image tab."""
+        if not self.main or grid is None:
+            return
+        from torchvision.utils import save_image
+        suffix = "-ema" if weights == "ema" else ""
+        path = self.run_dir / "pictures" / f"epoch-{state.epoch:03d}{suffix}.png"
+        path.parent.mkdir(exist_ok=True)
+        save_image(grid.float().cpu(), path)
+        self._write({"kind": "picture", "weights": weights, "epoch": state.epoch, "step": state.step,
+                     "path": str(path.relative_to(self.run_dir))})
+        if self.writer:
+            self.writer.add_image(f"pictures{suffix}", grid.float().cpu(), state.step)
+
     def finish(self, state, *, wall_s: float) -> dict:
         """summary.json: final and best holdout figures (top-1, or k-NN top-1 for SSL runs), throughput, wall time."""
         summary = {"epochs": state.epoch, "steps": state.step, "final": self.last_eval.get("raw", {}),

@@ -49,7 +49,8 @@ from training.config import (Config, ConfigError, ModelConfig, TrainConfig, appl
                              config_from_dict, load_config, preset_names, ramp_of, rand_augment_of)
 from training.distributed import Dist, cleanup, setup  # noqa: E402
 from training.loop import NonFiniteLoss, Step, TrainState, evaluate, train_epoch  # noqa: E402
-from training.objectives import (OBJECTIVES, Objective, backbone_of, build_network, build_objective,  # noqa: E402
+from training import objectives  # noqa: E402
+from training.objectives import (OBJECTIVES, Objective, build_network, build_objective,  # noqa: E402
                                  checkpoint_weights, load_checkpoint_weights)
 from training.optim import build_optimizer, build_scheduler, check_fused  # noqa: E402
 from training.precision import DTYPES, autocast_factory  # noqa: E402
@@ -152,14 +153,15 @@ def new_run_directory(config: Config) -> Path:
 def check_before_work(config: Config, manifest: dict) -> None:
     """The mistakes that would otherwise surface only when the loaders or the model are built, after the run
     directory exists: a loader option, a model keyword, a split the dataset lacks, a recipe that cannot work
-    (config.check_recipe: a shrinking ramp, a size the patch does not divide, mixup with a self-supervised
-    objective). Raises ConfigError."""
+    (config.check_recipe: a shrinking ramp, a size the patch does not divide; the objective's own rules, such as
+    mixup with a self-supervised objective). Raises ConfigError."""
     try:
         check_options(config.data.loader, config.data.options)
     except (ValueError, ImportError) as e:  # ImportError: the loader's library is not installed
         raise ConfigError(f"data.options {config.data.options}: {e}" if isinstance(e, ValueError) else str(e)) from None
     patch = models.check(config.model, config.data.image_size, dynamic_size=bool(config.data.ramp.start_size))
     check_recipe(config, patch)
+    objectives.check(config)
     splits = [s for s, info in manifest["splits"].items() if info["samples"]]
     if config.data.train_split not in splits:
         raise ConfigError(f"data.train_split: the dataset has no split '{config.data.train_split}' "
@@ -236,16 +238,29 @@ def loaders(config: Config, dist: Dist, manifest: dict, objective: Objective):
     return train, evals, bank
 
 
+def pictured_images(objective: Objective, eval_batches: dict) -> torch.Tensor | None:
+    """The first `objective.pictured` images of the holdout (or the first eval split), read once: the same
+    images at every evaluation, so that a run's pictures show how the network's work changes. None when the
+    objective draws no pictures or there is no eval split."""
+    if not objective.pictured or not eval_batches:
+        return None
+    batches = eval_batches.get("holdout") or next(iter(eval_batches.values()))
+    batches.set_epoch(0)
+    images, _ = next(iter(batches))  # an eval loader iterated again repeats its epoch (pipelines/contract.py)
+    return images[:objective.pictured].clone()
+
+
 def build_model(config: Config, objective: Objective, num_classes: int, dist: Dist, saved: dict | None,
                 console: Console) -> tuple[torch.nn.Module, list[torch.nn.Module]]:
-    """The network the objective trains (training/objectives.py), with --init's backbone loaded into it (not on
+    """The network the objective trains (training/objectives), with --init's backbone loaded into it (not on
     a resume: the checkpoint holds the weights) and --finetune / --freeze-blocks applied. Raises ConfigError
     (TransferError) for a checkpoint or freezing that does not fit, FileNotFoundError for a missing --init."""
     torch.manual_seed(config.train.seed)  # the same initial weights on every rank (DDP also broadcasts them)
     network = build_network(config, objective, num_classes, sync_bn=dist.world_size > 1 and dist.device.type == "cuda")
     if config.model.init and saved is None:
-        load_backbone(backbone_of(network), config.model.init, say=console.print if dist.main else lambda _: None)
-    return network, freeze(backbone_of(network), config)
+        load_backbone(objective.backbone(network), config.model.init,
+                      say=console.print if dist.main else lambda _: None)
+    return network, freeze(objective.backbone(network), config, supervised=objective.supervised)
 
 
 def error(console: Console, message: object) -> None:
@@ -313,6 +328,7 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
         ema = ModelEmaV3(model, decay=config.train.ema_decay, use_warmup=config.train.ema_warmup)
     if saved is not None:
         load_checkpoint_weights(model, saved)
+        objective.load_state_dict(saved.get("objective_state", {}))
         if ema is not None:
             ema.module.load_state_dict(saved["model_ema"])  # main() checked that it is there
         optimizer.load_state_dict(saved["optimizer"])
@@ -340,7 +356,8 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
     def save_last() -> None:
         if dist.main:
             writer.save(last_path, {
-                "num_classes": num_classes, **checkpoint_weights(model), "optimizer": optimizer.state_dict(),
+                "num_classes": num_classes, **checkpoint_weights(model), "objective_state": objective.state_dict(),
+                "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                 **({"model_ema": ema.module.state_dict()} if ema is not None else {}),
                 "position": {"epoch": state.epoch, "batch": state.batch, "step": state.step},
@@ -352,15 +369,21 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
     evaluated = {id(weights): compile_for_evaluation(weights, config.model)
                  for weights in (model, *([ema.module] if ema is not None else []))}
 
-    def evaluate_all(network: torch.nn.Module) -> tuple[dict, str]:
+    def evaluate_all(network: torch.nn.Module, weights: str) -> dict:
         """Supervised: top-1/top-5 on each eval split. Self-supervised: k-NN top-1 of the frozen backbone's
-        features. Returns the results and the figure that picks the best checkpoint."""
+        features. Logged, with the objective's picture of a few fixed holdout images."""
         if objective.supervised:
-            return {split: evaluate(evaluated[id(network)], batches, num_classes=num_classes, autocast=autocast)
-                    for split, batches in eval_batches.items()}, "top1"
-        return knn.evaluate(backbone_of(network), bank_batches, eval_batches, num_classes=num_classes,
-                            k=config.ssl.knn_k, temperature=config.ssl.knn_temperature, autocast=autocast), "knn_top1"
+            results = {split: evaluate(evaluated[id(network)], batches, num_classes=num_classes, autocast=autocast)
+                       for split, batches in eval_batches.items()}
+        else:
+            results = knn.evaluate(objective.backbone(network), bank_batches, eval_batches, num_classes=num_classes,
+                                   k=config.ssl.knn_k, temperature=config.ssl.knn_temperature, autocast=autocast)
+        log.evaluation(state, results, weights=weights)
+        if shown is not None and dist.main:
+            log.picture(state, objective.pictures(network, shown, autocast), weights=weights)
+        return results
 
+    shown = pictured_images(objective, eval_batches) if dist.main else None
     start = time.perf_counter()
     log.start(epochs=config.train.epochs, steps=len(train_batches), state=state)
     try:
@@ -384,12 +407,11 @@ def train(config: Config, saved: dict | None, dist: Dist, manifest: dict, run_di
             state.epoch, state.batch = state.epoch + 1, 0
             if state.epoch % config.train.eval_every == 0 or state.epoch == config.train.epochs:
                 # The raw weights, and the EMA's beside them; best.pt is picked on (and holds) train.best_on's.
-                results, metric = evaluate_all(model)
-                log.evaluation(state, results)
+                results = evaluate_all(model, "raw")
+                metric = objective.best_metric
                 chosen, weights = results, model
                 if ema is not None:
-                    ema_results, _ = evaluate_all(ema.module)
-                    log.evaluation(state, ema_results, weights="ema")
+                    ema_results = evaluate_all(ema.module, "ema")
                     if config.train.best_on == "ema":
                         chosen, weights = ema_results, ema.module
                 holdout = chosen.get("holdout") or next(iter(chosen.values()), None)

@@ -2,7 +2,7 @@
 classifier on top of it (--finetune linear: a linear probe).
 
 Any of this trainer's checkpoints works: a supervised one (the timm model, head included), a simclr or rotation
-one (the backbone under timm's names; the projection or rotation head under "objective_head", which is dropped
+one (the backbone under timm's names; the objective's head or decoder under "objective_head", which is dropped
 here). The new classification head is sized from the target data's manifest: a checkpoint head of another
 shape is dropped, and the message names its keys. Any other key that is missing or unexpected, or of another
 shape, is an error: it means another architecture (model.name, model.kwargs or the image size differ).
@@ -69,12 +69,13 @@ def load_backbone(model: nn.Module, init: str, say) -> dict:
     return {"dropped": dropped + extra, "new": new_head, "path": str(path)}
 
 
-def freeze(model: nn.Module, config: Config) -> list[nn.Module]:
+def freeze(model: nn.Module, config: Config, *, supervised: bool = True) -> list[nn.Module]:
     """Freezes what model.finetune and model.freeze_blocks ask for, on the timm model `model`. Returns the frozen
     submodules: the loop keeps them in eval mode (no dropout, drop-path or BN statistics drifting). The optimizer
-    is built afterwards and only gets the parameters that still require gradients."""
+    is built afterwards and only gets the parameters that still require gradients. `supervised`: whether the
+    run's objective trains a classifier on the labels (Objective.supervised), the only one freezing applies to."""
     finetune, blocks = config.model.finetune, config.model.freeze_blocks
-    if (finetune == "linear" or blocks) and config.train.objective != "supervised":
+    if (finetune == "linear" or blocks) and not supervised:
         raise TransferError(f"model.finetune=linear and model.freeze_blocks apply to the supervised objective, "
                             f"not to {config.train.objective}")
     if finetune == "linear":
