@@ -36,6 +36,10 @@
 #   evaluation 90 s benchmarks.evaluation: evaluation eager against compiled (model.compile_eval), the compile's
 #                   seconds and the projected seconds per ImageNet epoch, with the EMA's second pass
 #   simclr    70 s  `--only simclr`: the train part for SimCLR (two views per image; one more cold compile)
+#   mae       80 s  `--only mae`: the train part for MAE, mae_vit_b16 at batch 64 (its encoder on a quarter of the
+#                   patches, an 8-block decoder on all of them: one more cold compile, of the check's largest graph)
+#   colorize  70 s  `--only colorize`: the train part for colorization, colorize_vit_b16 at batch 64 (the gray
+#                   input and a*b* targets made on the GPU each step, outside the graph; one more cold compile)
 #   batch256  50 s  the train part at batch 256, each loader (one more compile)
 #   tests     60 s  the rest of the GPU tests: tests/test_loaders_gpu.py and the loaders under the sync check
 #   scaling   90 s  each loader over 1, 2, 4, ... all cores
@@ -138,6 +142,8 @@ extra compile 80 "${train[@]}" --kinds synthetic --batch-size "$small" --compile
 extra resolution 40 "${suite[@]}" --only resolution
 extra evaluation 90 "$py" -m benchmarks.evaluation --results "$work/records" "${evaluation[@]}"
 extra simclr 70 "${suite[@]}" --only simclr
+extra mae 80 "${suite[@]}" --only mae
+extra colorize 70 "${suite[@]}" --only colorize
 extra batch256 50 "${train[@]}" "${large[@]}"
 extra tests 60 "$py" -m pytest -q -p no:cacheprovider tests/test_loaders_gpu.py tests/test_no_sync.py \
   -k "gpu and not gpu_train_step"

@@ -172,7 +172,7 @@ def test_gpu_check_dry_run(tmp_path):
                                                                   "checkpoint", "smoke", "evaluation", "dali_feed"}
     log = (tmp_path / "results" / "steps.log").read_text()
     parts = ("data", "smoke", "gpu-tests", "train", "dali-feed", "loaders", "compile", "resolution", "evaluation",
-             "simclr", "batch256", "tests", "scaling", "convert", "checkpoint")
+             "simclr", "mae", "colorize", "batch256", "tests", "scaling", "convert", "checkpoint")
     assert all(f"== {step}:" in log for step in parts)
     assert [line.split()[1] for line in log.splitlines() if line.startswith("== ") and "(limit" in line] == list(parts)
     with tarfile.open(tmp_path / "results" / "records.tar") as tar:
@@ -187,7 +187,7 @@ def test_gpu_check_required_parts_fit_400_s_and_records_return_as_parts_end():
     required = [int(m.group(1)) for m in re.finditer(r"^step \S+ (\d+) ", script, re.MULTILINE)]
     optional = [m.group(1) for m in re.finditer(r"^extra (\S+) \d+ ", script, re.MULTILINE)]
     assert len(required) == 4 and sum(required) <= 400, required
-    assert {"simclr", "batch256"} <= set(optional)
+    assert {"simclr", "mae", "colorize", "batch256"} <= set(optional)
     body = script[script.index("run_part() {"):script.index("step() {")]
     assert "pack" in body.split("tee -a")[-1], "run_part must pack the records when a part ends"
 
@@ -232,9 +232,13 @@ def test_cpu_suite_then_report(tmp_path):
                                                                          ("tiny_cpu", 32)}
     assert {run_["preset"] for run_ in ramp["projection"]} == {"tiny_cpu_deit", "tiny_cpu"}
     trains = {r["settings"]["objective"]: r for r in records if r["benchmark"] == "train_step"}
-    assert set(trains) == {"supervised", "simclr"}
+    assert set(trains) == {"supervised", "simclr", "mae", "colorize"}
     assert all(row["profile"]["step_ms"] > 0 for row in trains["supervised"]["results"])
-    assert {row["kind"] for row in trains["simclr"]["results"]} >= {"synthetic", "dali", "ffcv", "torchvision"}
+    for name in ("simclr", "mae", "colorize"):
+        assert {row["kind"] for row in trains[name]["results"]} >= {"synthetic", "dali", "ffcv", "torchvision"}
+    # each self-supervised part trains its objective's own preset, at the supervised part's batch
+    assert [trains[name]["settings"]["preset"] for name in ("mae", "colorize")] == ["tiny_cpu_mae", "tiny_cpu_colorize"]
+    assert {trains[name]["settings"]["batch_size"][0] for name in trains} == {8}
     text = report.render(records, tmp_path / "report.md")
     assert "### Goals" in text and "over torchvision, 2 workers, 512 px | 2.5x" in text
     for kind in ("dali", "ffcv", "torchvision"):
@@ -242,6 +246,10 @@ def test_cpu_suite_then_report(tmp_path):
         assert f"| {kind} first batch at 90 % of an epoch over at 0, 2 workers, 512 px | <= 2x |" in text
     assert "| epoch boundary ms (batch-times) | first batch at 0/50/90 % ms | ImageNet epoch images/s |" in text
     assert "### Training (batch 8): real input" in text and "### Training (simclr, batch 8, two views per image" in text
+    assert "### Training (mae, batch 8, mask ratio 0.75" in text and "### Training (colorize, batch 8)" in text
+    assert "### Can each loader alone feed MAE? (mae, batch 8)" in text
+    for kind in ("dali", "ffcv", "torchvision"):
+        assert re.search(rf"\| {kind} \| 2 \| [\d,]+ \| [\d,]+ \| (can feed MAE \(|cannot feed MAE: )", text), kind
     assert "### RandAugment cost per loader" in text and f"| ffcv | 2 | {run.RAND_AUGMENT} |" in text
     assert "### Stored JPEGs against a real photo" in text
     assert "### Progressive resolution" in text and "| tiny_cpu_deit | 24 x 2, 32 x 6 |" in text
@@ -469,3 +477,50 @@ def test_checkpoint_benchmark_writes_real_checkpoints_and_projects_the_cost(tmp_
     for name in ("last.pt", "previous.pt"):
         saved = checkpoint.load(tmp_path / "ckpt" / name)  # the CRC checked
         assert saved["position"] == {"step": 1} and saved["model"]
+
+
+def feed_records(tmp_path: Path) -> list[dict]:
+    """A MAE training record beside loader records of the same CPU: at 512 px an older run and a newer one that
+    remeasured dali, with rows that are not the plain train augmentation; at 256 px a faster one."""
+    fake_record(tmp_path, "loaders-1", {"dali": 900.0, "ffcv": 300.0, "torchvision": 376.0, "synthetic": 1e7},
+                "20260101T000000Z")
+    fake_record(tmp_path, "loaders-2", {"dali": 655.0}, "20260102T000000Z")
+    newer = json.loads((tmp_path / "loaders-2.json").read_text())
+    newer["results"] += [dict(newer["results"][0], label="dali reader=webdataset", options={"reader": "webdataset"}),
+                         dict(newer["results"][0], label="dali 2 views", views=2),
+                         dict(newer["results"][0], label="dali + rand-m9", rand_augment="rand-m9")]
+    for row in newer["results"][1:]:
+        row["images_per_s"] = {"median": 5000.0}
+    newer["settings"].update(image_size=224, batch_size=32)
+    (tmp_path / "loaders-2.json").write_text(json.dumps(newer))
+    fake_record(tmp_path, "loaders-3", {"dali": 2000.0, "ffcv": 2000.0, "torchvision": 2000.0}, "20260103T000000Z")
+    other = json.loads((tmp_path / "loaders-3.json").read_text())
+    other["settings"]["max_resolution"] = 256
+    (tmp_path / "loaders-3.json").write_text(json.dumps(other))
+    train = {"benchmark": "train_step", "date": "20260104T000000Z", "cpu": "Test CPU", "cores": 2, "gpu": None,
+             "commit": "def", "settings": {"data": "/nowhere/cpu/r512", "device": "cpu", "objective": "mae",
+                                           "config": {"data": {"image_size": 32}, "mae": {"mask_ratio": 0.75}}},
+             "results": [{"kind": kind, "batch_size": 32, "compile_mode": "none", "fused": False,
+                          "images_per_s": {"median": rate}, "input_wait": {"median": 0.0}, "mfu": None}
+                         for kind, rate in (("dali", 350.0), ("synthetic", 400.0))]}
+    (tmp_path / "train_step-1.json").write_text(json.dumps(train))
+    return report.load([tmp_path])
+
+
+def test_the_report_says_which_loaders_alone_can_feed_mae(tmp_path):
+    """MAE's consumption (its step from synthetic input, 400 images/s) against each loader alone, from the newest
+    plain rows of the same machine and stored resolution: dali's remeasured 655 (not the older 900, nor the
+    256-px record's 2,000, nor its option, two-view and RandAugment rows) can feed it; ffcv's 300 and
+    torchvision's 376 cannot, and the table says by how much."""
+    records = feed_records(tmp_path)
+    (train,) = [r for r in records if r["benchmark"] == "train_step"]
+    lines = report.feed_section(train, report.newest(records))
+    table = [line for line in lines if line.startswith("| ") and not line.startswith("| loader |")]
+    assert table == [
+        "| dali | 2 | 655 | 400 | can feed MAE (1.64x) | loaders-2.json |",
+        "| ffcv | 2 | 300 | 400 | cannot feed MAE: 300 of 400 images/s | loaders-1.json |",
+        "| torchvision | 2 | 376 | 400 | cannot feed MAE: 376 of 400 images/s | loaders-1.json |"]
+    assert "timed at 224-px crops and the training reads 32-px ones" in " ".join(lines)
+    text = report.render([r for r in records if r["benchmark"] == "train_step"], tmp_path / "report.md")
+    assert "### Training (mae, batch 32, mask ratio 0.75: the encoder sees 25% of the patches)" in text
+    assert "### Can each loader alone feed MAE? (mae, batch 32)" in text and "No loader record for" in text
