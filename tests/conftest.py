@@ -52,8 +52,16 @@ FAST = (
     # training/: the step, evaluation, k-NN, objectives, transfer, batch augmentation, config, and one short run
     # through training/run.py (run directory, progress, checkpoints)
     "test_no_sync.py::test_train_step_makes_no_host_tensor[supervised]",
+    "test_no_sync.py::test_train_step_makes_no_host_tensor[mae]",
+    "test_no_sync.py::test_train_step_makes_no_host_tensor[colorize]",
     "test_no_sync.py::test_evaluate_makes_no_host_tensor",
     "test_no_sync.py::test_knn_makes_no_host_tensor",
+    "test_objectives.py::test_every_image_keeps_exactly_its_visible_share",
+    "test_objectives.py::test_masks_differ_between_ranks_and_steps_and_repeat_from_seed_rank_step",
+    "test_objectives.py::test_the_network_loss_is_the_masked_loss_of_its_own_prediction",
+    "test_objectives.py::test_lab_matches_kornia_and_the_gray_input_keeps_only_the_luminance",
+    "test_objectives.py::test_colorize_targets_are_the_images_ab_per_patch",
+    "test_objectives.py::test_a_name_is_registered_once",
     "test_ssl.py::test_info_nce_equals_the_formula",
     "test_ssl.py::test_knn_votes_are_weighted_by_similarity",
     "test_ssl.py::test_rotation_labels_match_torch_rot90",

@@ -332,3 +332,31 @@ def test_masking_encoder_decoder_and_loss_are_one_graph():
     inputs, _ = objective.inputs(images(), None)
     explained = torch._dynamo.explain(network)(inputs)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
+def test_a_picture_goes_to_the_run_directory_and_tensorboard(tmp_path):
+    """RunLog.picture: the PNG, its metrics.jsonl record, and TensorBoard's image (a recording writer stands in for
+    SummaryWriter where tensorboard is not installed)."""
+    from rich.console import Console
+    from training.loop import TrainState
+    from training.progress import RunLog
+
+    class Writer:
+        def __init__(self):
+            self.images = []
+
+        def add_image(self, tag, image, step):
+            self.images.append((tag, tuple(image.shape), step))
+
+        def close(self):
+            pass
+    log = RunLog(tmp_path / "run", load_config("tiny_cpu_mae"), main=True, console=Console(quiet=True))
+    log.writer = Writer()
+    grid = torch.rand(3, 20, 30)
+    log.picture(TrainState(epoch=2, step=17), grid, weights="ema")
+    log.close()
+    with Image.open(tmp_path / "run" / "pictures" / "epoch-002-ema.png") as im:
+        assert im.size == (30, 20)
+    assert log.writer.images == [("pictures-ema", (3, 20, 30), 17)]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["kind"] == "picture" and records[-1]["path"] == "pictures/epoch-002-ema.png"
