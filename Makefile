@@ -51,7 +51,7 @@ demo: setup
 	@echo "demo output: $(DEMO)/converted (the converted dataset), $(DEMO)/runs/tiny_cpu-dali and" \
 	  "$(DEMO)/runs/tiny_cpu_deit-dali (the runs)"
 
-# The CPU benchmark suite (about 21 minutes on 2 cores, 1.5 of them building its data in build/bench), what a
+# The CPU benchmark suite (about 23 minutes on 2 cores, 1.5 of them building its data in build/bench), what a
 # ViT-B/16 checkpoint costs training (about a minute), then the report:
 # benchmarks/report.md, its charts, and the README's headline table.
 bench: setup
