@@ -213,13 +213,12 @@ def run_part(part: str, suite: Suite, work: Path, results: Path, console: Consol
         data = ("--data", str(dataset(work, suite.train_resolution)))
         codes.append(train_bench.main([*data, *common, "--profile", str(work / "profiles"),
                                        *suite.train_args]))
-    elif part == "simclr":  # two views per image through the same model; at the supervised run's batch, no profile
+    elif part in TRAIN_PARTS:  # a self-supervised objective at the supervised run's batch, no profile: simclr
+        # through the same model (two views per image), mae and colorize with their own preset (their network)
         data = ("--data", str(dataset(work, suite.train_resolution)))
-        codes.append(train_bench.main([*data, *common, "--objective", "simclr", *suite.train_args]))
-    elif part in ("mae", "colorize"):  # the objective's own preset, at the supervised run's batch; no profile
-        data = ("--data", str(dataset(work, suite.train_resolution)))
-        preset = dict(suite.objective_presets)[part]
-        codes.append(train_bench.main([*data, *common, "--objective", part, *with_preset(suite.train_args, preset)]))
+        preset = dict(suite.objective_presets).get(part)
+        train_args = with_preset(suite.train_args, preset) if preset else suite.train_args
+        codes.append(train_bench.main([*data, *common, "--objective", part, *train_args]))
     elif part == "resolution":
         codes.append(resolution_bench.main([*common, *suite.resolution_args]))
     elif part == "convert":

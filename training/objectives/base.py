@@ -135,3 +135,11 @@ def load_checkpoint_weights(network: nn.Module, saved: dict) -> None:
         network.head.load_state_dict(saved["objective_head"])
     else:
         network.load_state_dict(saved["model"])
+
+
+def three_channels(config: Config) -> None:
+    """The loaders yield RGB: a model built for another channel count cannot take their batches."""
+    channels = dict(config.model.kwargs).get("in_chans", 3)
+    if channels != 3:
+        raise ConfigError(f"model.kwargs in_chans={channels} with train.objective={config.train.objective}: its "
+                          "input is the loader's 3-channel image; build the model with in_chans=3")

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipelines.contract import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.contract import normalize
 
 from ..config import Config, ConfigError
 from ..model import create_model
-from .base import Objective, SSLModel
-from .mae import patchify, three_channels, unpatchify
-from .pictures import image_grid, unnormalize
+from .base import Objective, SSLModel, three_channels
+from .mae import patchify, unpatchify
+from .pictures import image_grid, rgb_planes, unnormalize
 
 AB_SCALE = 110.0  # CIELAB a*, b* of sRGB colours lie within about +-110
 
@@ -36,11 +36,6 @@ AB_SCALE = 110.0  # CIELAB a*, b* of sRGB colours lie within about +-110
 # tensors on every call: on a GPU each is a host-to-device copy that waits for the stream, every step.
 RGB_TO_XYZ = ((0.412453, 0.357580, 0.180423), (0.212671, 0.715160, 0.072169), (0.019334, 0.119193, 0.950227))
 WHITE = (0.95047, 1.0, 1.08883)
-
-
-def channels(images: torch.Tensor) -> list[torch.Tensor]:
-    """Loader-normalized images -> their R, G, B planes in [0, 1], float32 (pipelines/contract.py's mean, std)."""
-    return [(images[:, c].float() * IMAGENET_STD[c] + IMAGENET_MEAN[c]).clamp(0, 1) for c in range(3)]
 
 
 def linear(c: torch.Tensor) -> torch.Tensor:
@@ -56,7 +51,7 @@ def encoded(c: torch.Tensor) -> torch.Tensor:
 
 def to_lab(images: torch.Tensor) -> torch.Tensor:
     """Loader-normalized RGB -> CIELAB (L* in [0, 100], a*b* in about +-110), B x 3 x H x W float32."""
-    rgb = [linear(c) for c in channels(images)]
+    rgb = [linear(c) for c in rgb_planes(images)]
     x, y, z = (sum(k * c for k, c in zip(row, rgb)) / white for row, white in zip(RGB_TO_XYZ, WHITE))
     fx, fy, fz = (torch.where(t > 0.008856, t.clamp(min=0.008856) ** (1 / 3), 7.787 * t + 4 / 29)
                   for t in (x, y, z))
@@ -65,11 +60,11 @@ def to_lab(images: torch.Tensor) -> torch.Tensor:
 
 def gray_input(images: torch.Tensor) -> torch.Tensor:
     """The image's luminance in all three channels (CIELAB's L* with a* = b* = 0: a neutral gray of the same
-    relative luminance Y), normalized as the loaders normalize, in `images`' dtype, channels_last."""
-    r, g, b = (linear(c) for c in channels(images))
+    relative luminance Y), normalized as the loaders normalize (contract.normalize), in `images`' dtype,
+    channels_last."""
+    r, g, b = (linear(c) for c in rgb_planes(images))
     gray = encoded(RGB_TO_XYZ[1][0] * r + RGB_TO_XYZ[1][1] * g + RGB_TO_XYZ[1][2] * b)
-    out = torch.stack([(gray - IMAGENET_MEAN[c]) / IMAGENET_STD[c] for c in range(3)], dim=1)
-    return out.to(images.dtype).contiguous(memory_format=torch.channels_last)
+    return normalize(gray.unsqueeze(1).expand(-1, 3, -1, -1), images.dtype)
 
 
 class ColorizeModel(SSLModel):
@@ -122,7 +117,7 @@ class Colorize(Objective):
         import kornia  # evaluation only: its per-call constants cost nothing here
         was_training = network.training
         network.eval()
-        gray, _ = self.inputs(images, None)
+        gray = gray_input(images)
         with autocast():
             predicted = network(gray)
         network.train(was_training)

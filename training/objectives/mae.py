@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import Config, ConfigError
 from ..model import create_model
-from .base import Objective, SSLModel
+from .base import Objective, SSLModel, three_channels
 from .pictures import image_grid, unnormalize
 
 
@@ -129,7 +129,8 @@ class MAEModel(SSLModel):
 
 
 class MAE(Objective):
-    name, pictured = "mae", 8
+    # one size: the decoder's position embedding and the kept count are fixed by data.image_size
+    name, pictured, resolution_ramp = "mae", 8, False
 
     def __init__(self, mask_ratio: float, depth: int, width: int, heads: int, norm_pix_loss: bool):
         self.mask_ratio, self.depth, self.width, self.heads = mask_ratio, depth, width, heads
@@ -148,9 +149,6 @@ class MAE(Objective):
         if mae.decoder_width % mae.decoder_heads:
             raise ConfigError(f"mae.decoder_width {mae.decoder_width} is not a multiple of mae.decoder_heads "
                               f"{mae.decoder_heads}: each head gets width / heads channels")
-        if config.data.ramp.start_size:
-            raise ConfigError("data.ramp with train.objective=mae: the decoder's position embedding and the mask are "
-                              "sized for data.image_size; pre-train at one size")
         three_channels(config)
 
     @classmethod
@@ -206,12 +204,5 @@ class MAE(Objective):
         gray = torch.zeros_like(original)  # 0 in normalized units: ImageNet's mean colour
         masked = unpatchify(original * seen + gray * (1 - seen), self.patch, h, w)
         rebuilt = unpatchify(original * seen + prediction * (1 - seen), self.patch, h, w)
-        return image_grid([unnormalize(masked), unnormalize(rebuilt), unnormalize(images.float())])
+        return image_grid([unnormalize(masked), unnormalize(rebuilt), unnormalize(images)])
 
-
-def three_channels(config: Config) -> None:
-    """The loaders yield RGB: a model built for another channel count cannot take their batches."""
-    channels = dict(config.model.kwargs).get("in_chans", 3)
-    if channels != 3:
-        raise ConfigError(f"model.kwargs in_chans={channels} with train.objective={config.train.objective}: its "
-                          "input is the loader's 3-channel image; build the model with in_chans=3")

@@ -9,11 +9,15 @@ from pipelines.contract import IMAGENET_MEAN, IMAGENET_STD
 MIN_SIDE = 96  # smaller images (the tiny CPU presets' 32 px) are enlarged, nearest-neighbour, to be seen
 
 
+def rgb_planes(images: torch.Tensor) -> list[torch.Tensor]:
+    """Loader-normalized images (pipelines/contract.py's mean and std) -> their R, G, B planes in [0, 1], float32.
+    The constants are Python numbers: no tensor is made on the host, so this may run in a training step."""
+    return [(images[:, c].float() * IMAGENET_STD[c] + IMAGENET_MEAN[c]).clamp(0, 1) for c in range(3)]
+
+
 def unnormalize(images: torch.Tensor) -> torch.Tensor:
-    """Loader-normalized images (pipelines/contract.py) back to RGB in [0, 1], float32."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return (images.float() * std + mean).clamp(0, 1)
+    """Loader-normalized images back to RGB in [0, 1], B x 3 x H x W float32."""
+    return torch.stack(rgb_planes(images), dim=1)
 
 
 def image_grid(columns: list[torch.Tensor]) -> torch.Tensor:
